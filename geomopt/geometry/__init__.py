@@ -1,0 +1,9 @@
+"""Pure-torch geometry: skew packing, Cayley maps, block rotations. These are the references."""
+from .blocks import block_layout, block_sizes, col_block_grad, rotate_cols, rotate_rows, row_block_grad
+from .cayley import cayley, cayley_exact, cayley_neumann
+from .skew import pack_skew, skew_norm_bound, skew_size, unpack_skew
+
+__all__ = [
+    "block_layout", "block_sizes", "col_block_grad", "rotate_cols", "rotate_rows", "row_block_grad",
+    "cayley", "cayley_exact", "cayley_neumann", "pack_skew", "skew_norm_bound", "skew_size", "unpack_skew",
+]

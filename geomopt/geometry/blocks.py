@@ -1,0 +1,65 @@
+"""Block-diagonal rotations on permuted index blocks (POET's R and P), torch reference.
+
+Torch convention: a weight W is (m x n) = (out x in). R in SO(m) acts on rows, P in SO(n) on
+columns. A side of dimension ``d`` is cut by a permutation ``perm`` of range(d) into index blocks:
+``block_layout`` returns a list of (n_blocks, b) index tensors (at most two: the full blocks and one
+ragged remainder), and the rotation applies one b x b block per row of that tensor. Indices outside
+every block (the fully stochastic mode, or a remainder of size 1) are left unchanged.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["block_sizes", "block_layout", "rotate_rows", "rotate_cols", "row_block_grad", "col_block_grad"]
+
+
+def block_sizes(dim: int, block: int, fully_stochastic: bool) -> list[tuple[int, int]]:
+    """[(n_blocks, b), ...] for a side of size ``dim``: blocks of size ``block`` (clamped to ``dim``).
+
+    Block-stochastic: dim // b full blocks plus one ragged block of dim % b (dropped when it is < 2:
+    a 1 x 1 rotation is the identity). Fully stochastic: a single block of size b.
+    """
+    b = min(block, dim)
+    if b < 2:
+        return []
+    if fully_stochastic:
+        return [(1, b)]
+    out = [(dim // b, b)]
+    rem = dim % b
+    if rem >= 2:
+        out.append((1, rem))
+    return out
+
+
+def block_layout(perm: torch.Tensor, block: int, fully_stochastic: bool) -> list[torch.Tensor]:
+    """Index blocks cut from ``perm`` in order: a list of (n_blocks, b) long tensors."""
+    out, start = [], 0
+    for nblk, b in block_sizes(perm.numel(), block, fully_stochastic):
+        out.append(perm[start : start + nblk * b].view(nblk, b))
+        start += nblk * b
+    return out
+
+
+def rotate_rows(x: torch.Tensor, idx: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Y = R X: rows ``idx[k]`` of x replaced by ``d[k] @ x[idx[k]]``; other rows copied. Out of place."""
+    y = x.clone()
+    y[idx.reshape(-1)] = torch.bmm(d, x[idx]).reshape(-1, x.shape[1])
+    return y
+
+
+def rotate_cols(x: torch.Tensor, idx: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """Y = X P: columns ``idx[k]`` of x replaced by ``x[:, idx[k]] @ e[k]``; other columns copied."""
+    y = x.clone()
+    blocks = x[:, idx].transpose(0, 1)  # (n_blocks, m, b)
+    y[:, idx.reshape(-1)] = torch.bmm(blocks, e).transpose(0, 1).reshape(x.shape[0], -1)
+    return y
+
+
+def row_block_grad(g: torch.Tensor, m: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(n_blocks, b, b) blocks ``g[idx[k]] @ m[idx[k]]^T`` (dL/dD_k for W = R M)."""
+    return torch.bmm(g[idx], m[idx].transpose(1, 2))
+
+
+def col_block_grad(n: torch.Tensor, g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(n_blocks, b, b) blocks ``n[:, idx[k]]^T @ g[:, idx[k]]`` (dL/dE_k for W = N P)."""
+    return torch.bmm(n[:, idx].permute(1, 2, 0), g[:, idx].transpose(0, 1))

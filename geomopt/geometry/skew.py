@@ -1,0 +1,60 @@
+"""Skew-symmetric matrices stored packed: the b(b-1)/2 entries above the diagonal."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+__all__ = ["skew_size", "unpack_skew", "pack_skew", "skew_norm_bound"]
+
+
+def skew_size(b: int) -> int:
+    """Number of free entries of a b x b skew-symmetric matrix."""
+    return b * (b - 1) // 2
+
+
+@functools.lru_cache(maxsize=64)
+def _triu(b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = torch.triu_indices(b, b, offset=1, device=device)
+    return rows, cols
+
+
+def unpack_skew(q: torch.Tensor, b: int) -> torch.Tensor:
+    """(..., b(b-1)/2) packed entries -> (..., b, b) skew matrix Q with Q[i, j] = q, Q[j, i] = -q (i < j).
+
+    Differentiable in ``q``.
+    """
+    if q.shape[-1] != skew_size(b):
+        raise ValueError(f"q has {q.shape[-1]} packed entries, a {b} x {b} skew matrix has {skew_size(b)}")
+    rows, cols = _triu(b, q.device)
+    out = q.new_zeros(*q.shape[:-1], b, b)
+    out[..., rows, cols] = q
+    out[..., cols, rows] = -q
+    return out
+
+
+def pack_skew(a: torch.Tensor) -> torch.Tensor:
+    """(..., b, b) -> (..., b(b-1)/2): the entries above the diagonal (the inverse of unpack_skew on skew input)."""
+    b = a.shape[-1]
+    rows, cols = _triu(b, a.device)
+    return a[..., rows, cols]
+
+
+def skew_norm_bound(q: torch.Tensor, b: int) -> torch.Tensor:
+    """Upper bound on the spectral norm of each packed skew block, shape ``q.shape[:-1]``.
+
+    min(||Q||_F, ||Q||_inf, ||Q^4||_F^(1/4)): all three bound ||Q||_2 from above (for a skew matrix
+    ||Q||_1 = ||Q||_inf, and ||Q||_2^4 = ||Q^4||_2 <= ||Q^4||_F). The first two are loose by about
+    sqrt(b) for unstructured Q; the third is within a factor (b/2)^(1/8) of ||Q||_2 and costs two
+    b x b products per block, less than the Cayley-Neumann map itself.
+    """
+    if b < 2:
+        return q.new_zeros(q.shape[:-1])
+    q = q.detach()
+    Q = unpack_skew(q, b)
+    frob = q.square().sum(-1).mul(2.0).sqrt()
+    inf = Q.abs().sum(-1).amax(-1)
+    q2 = Q @ Q
+    q4 = q2 @ q2
+    power = torch.linalg.matrix_norm(q4).pow(0.25)
+    return torch.minimum(torch.minimum(frob, inf), power)

@@ -1,0 +1,263 @@
+"""The base every factor-owning geomopt optimizer reuses.
+
+It owns what no optimizer should re-implement: parameter routing (method vs AdamW), the dense AdamW
+path, the inner optimizer of the factors (its state kept in ``self.state[param]``), per-parameter
+seeded generators saved in state, the cycle counters, the non-finite-gradient guard, the lr = 0
+zero-gradient no-op rule, and a ``load_state_dict`` that restores what torch's default casts away.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Callable
+
+import torch
+from torch.optim import Optimizer
+
+from .routing import build_param_groups, is_factorized
+
+__all__ = ["FactorOptimizer", "COMMON_ARGS_DOC", "NONFINITE_POLICIES"]
+
+NONFINITE_POLICIES = ("skip", "raise")
+
+COMMON_ARGS_DOC = r"""
+    params: an ``nn.Module`` (routed: ``nn.Linear`` weights get the method, embeddings, the LM head
+        and all non-2-D tensors get AdamW), ``model.named_parameters()`` (routed by name), plain
+        parameters (every 2-D one is factorized; a warning says how to exclude embeddings), or param
+        groups (dicts; a group may set ``factorize=False`` and any hyperparameter below).
+    lr: learning rate of the factors and of the AdamW parameters; LR schedulers drive both.
+    betas, eps, weight_decay: AdamW hyperparameters of the parameters that are not factorized
+        (decoupled weight decay).
+    inner: torch optimizer class that updates the factors (default ``torch.optim.AdamW``); any
+        ``torch.optim.Optimizer`` subclass works (e.g. ``torch_optimizer.Lamb``). Its state lives in
+        ``optimizer.state[param]``.
+    inner_kwargs: keyword arguments of ``inner`` other than ``lr`` (default for AdamW:
+        ``weight_decay=0``, so factors are not decayed).
+    seed: seed of the per-parameter generators; every rank and every resumed run draws the same.
+    nonfinite: ``"skip"`` (default) skips the step of a parameter whose gradient holds NaN/Inf and
+        counts it in ``stats``; ``"raise"`` raises ``FloatingPointError``.
+"""
+
+
+def _check_number(name: str, value: Any, *, low: float | None = None, low_open: bool = False,
+                  integer: bool = False) -> None:
+    ok_types = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_types):
+        kind = "an int" if integer else "a number"
+        raise TypeError(f"{name} must be {kind}, got {value!r} ({type(value).__name__})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+
+
+def _copy_state(value: Any, device: torch.device, key: Any = None) -> Any:
+    """Deep copy of a state value, tensors moved to ``device`` with their saved dtype kept."""
+    if isinstance(value, torch.Tensor):
+        if key == "step":  # torch keeps non-capturable step counters where they were saved
+            return value.clone()
+        return value.to(device=device, copy=True)
+    if isinstance(value, dict):
+        return {k: _copy_state(v, device, k) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy_state(v, device) for v in value)
+    return value
+
+
+class FactorOptimizer(Optimizer):
+    """Base class: subclasses implement ``_init_factor_state``, ``_factor_step`` and ``_check_group``."""
+
+    #: counters kept per factorized parameter, summed by ``stats``
+    STAT_KEYS: tuple[str, ...] = ()
+
+    def __init__(self, params: Any, defaults: dict[str, Any], *, inner: type = torch.optim.AdamW,
+                 inner_kwargs: dict[str, Any] | None = None, seed: int = 0, nonfinite: str = "skip"):
+        _check_number("lr", defaults["lr"], low=0.0)
+        _check_number("eps", defaults["eps"], low=0.0)
+        _check_number("weight_decay", defaults["weight_decay"], low=0.0)
+        betas = defaults["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise TypeError(f"betas must be a pair of floats, got {betas!r}")
+        for i, b in enumerate(betas):
+            _check_number(f"betas[{i}]", b, low=0.0)
+            if b >= 1.0:
+                raise ValueError(f"betas[{i}] must be in [0, 1), got {b!r}")
+        if not (isinstance(inner, type) and issubclass(inner, Optimizer)):
+            raise TypeError(f"inner must be a torch.optim.Optimizer subclass, got {inner!r}")
+        if inner_kwargs is not None and not isinstance(inner_kwargs, dict):
+            raise TypeError(f"inner_kwargs must be a dict, got {type(inner_kwargs).__name__}")
+        if "lr" in (inner_kwargs or {}):
+            raise ValueError("inner_kwargs must not set 'lr': the group's lr drives the factors")
+        _check_number("seed", seed, integer=True)
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        self._inner_cls = inner
+        if inner_kwargs is None:
+            inner_kwargs = {"weight_decay": 0.0} if issubclass(inner, torch.optim.AdamW) else {}
+        self._inner_kwargs = dict(inner_kwargs)
+        self._seed = seed
+        self.nonfinite = nonfinite
+        self._inner: Optimizer | None = None
+        self._dense: torch.optim.AdamW | None = None
+        super().__init__(build_param_groups(params), defaults)
+
+    # ------------------------------------------------------------------ groups and arguments
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        group = build_param_groups([param_group])[0]
+        merged = {**self.defaults, **group}
+        params = merged["params"]
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"params: expected Tensors, got an item of type {type(p).__name__}")
+        for key in ("lr", "eps", "weight_decay"):
+            _check_number(key, merged[key], low=0.0)
+        self._check_group(merged, [p for p in params if is_factorized(p, merged)])
+        super().add_param_group(group)
+
+    def _check_group(self, group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
+        """Validate a group's method options; raise ValueError/TypeError naming argument and value."""
+
+    # ------------------------------------------------------------------ generators
+    def _param_seed(self, index: int) -> int:
+        return (self._seed * 0x9E3779B97F4A7C15 + index * 0x632BE59BD9B4E019 + 1) % (2**63 - 1)
+
+    @staticmethod
+    def _generator(state: dict[str, Any]) -> torch.Generator:
+        gen = torch.Generator()
+        gen.set_state(state["rng"])
+        return gen
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):  # type: ignore[override]
+        """Perform one optimization step (see the class docstring)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = 0
+        for group in self.param_groups:
+            first_index = index
+            index += len(group["params"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if p.grad.is_sparse:
+                    raise TypeError(f"{type(self).__name__} does not support sparse gradients "
+                                    f"(parameter of shape {tuple(p.shape)})")
+                if p.grad.is_complex() or p.is_complex():
+                    raise TypeError(f"{type(self).__name__} does not support complex parameters or gradients "
+                                    f"(parameter of shape {tuple(p.shape)})")
+            fact = [p for p in params if is_factorized(p, group)]
+            for p in fact:
+                if not self.state[p]:
+                    pos = next(i for i, q in enumerate(group["params"]) if q is p)
+                    self._init_factor_state(p, group, first_index + pos)
+            if group["lr"] == 0 and not any(bool(p.grad.any()) for p in params):
+                continue  # lr = 0 and zero gradients: state exists now, nothing else changes
+            finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).tolist()
+            if not all(finite):
+                bad = [p for p, ok in zip(params, finite) if not ok]
+                if self.nonfinite == "raise":
+                    raise FloatingPointError(
+                        f"non-finite gradient in {len(bad)} parameter(s) (first of shape {tuple(bad[0].shape)}); "
+                        "nothing was updated in this group")
+                group["nonfinite_skips"] = group.get("nonfinite_skips", 0) + len(bad)
+                params = [p for p, ok in zip(params, finite) if ok]
+                fact = [p for p in fact if any(p is q for q in params)]
+            dense = [p for p in params if not is_factorized(p, group)]
+            if dense:
+                self._dense_step(group, dense)
+            if fact:
+                self._factor_step(group, fact)
+        return loss
+
+    def _dense_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """torch.optim.AdamW on ``params`` with the group's hyperparameters; state in self.state."""
+        if self._dense is None:
+            self._dense = torch.optim.AdamW([torch.zeros(1)])
+        opt = self._dense
+        opt.state = self.state  # type: ignore[assignment]
+        g = opt.param_groups[0]
+        g.update(params=params, lr=group["lr"], betas=tuple(group["betas"]), eps=group["eps"],
+                 weight_decay=group["weight_decay"], maximize=group.get("maximize", False))
+        opt.step()
+        g["params"] = []
+
+    def _inner_step(self, group: dict[str, Any], factors: list[torch.Tensor],
+                    states: list[dict[str, Any]], lr_scale: float = 1.0) -> None:
+        """One step of the inner optimizer on ``factors`` (whose ``.grad`` is set); ``states[i]`` is
+        the dict (kept inside ``self.state[param]``) that holds factor i's inner state."""
+        if self._inner is None:
+            self._inner = self._inner_cls([torch.zeros(1)], lr=0.0, **self._inner_kwargs)
+        opt = self._inner
+        view = defaultdict(dict)
+        for f, s in zip(factors, states):
+            view[f] = s
+        opt.state = view  # type: ignore[assignment]
+        g = opt.param_groups[0]
+        g["params"] = factors
+        g["lr"] = group["lr"] * lr_scale
+        opt.step()
+        g["params"] = []
+        opt.state = defaultdict(dict)  # type: ignore[assignment]
+        for f in factors:
+            f.grad = None
+
+    # ------------------------------------------------------------------ subclass hooks
+    def _init_factor_state(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
+        raise NotImplementedError
+
+    def _factor_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _check_loaded_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """Raise ValueError when ``state`` (from a state_dict) cannot belong to factorized ``p``."""
+
+    # ------------------------------------------------------------------ state
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load like torch, then restore the saved dtypes (torch casts every state tensor but ``step``
+        to the parameter's dtype: permutations, generator states and fp32 factors must survive)."""
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from optimizer.state_dict())")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer has "
+                             f"{len(self.param_groups)}")
+        pairs = []
+        for gi, (sg, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(sg["params"]) != len(group["params"]):
+                raise ValueError(f"param group {gi}: state_dict has {len(sg['params'])} parameters, "
+                                 f"this optimizer has {len(group['params'])}")
+            merged = {**group, **{k: v for k, v in sg.items() if k != "params"}}
+            for sid, p in zip(sg["params"], group["params"]):
+                st = state_dict["state"].get(sid)
+                if st is None:
+                    continue
+                if not isinstance(st, dict):
+                    raise ValueError(f"state of parameter {sid} must be a dict, got {type(st).__name__}")
+                if is_factorized(p, merged):
+                    self._check_loaded_state(p, merged, st)
+                else:
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        t = st.get(key)
+                        if isinstance(t, torch.Tensor) and t.shape != p.shape:
+                            raise ValueError(f"state of parameter {sid}: {key} has shape {tuple(t.shape)}, "
+                                             f"the parameter {tuple(p.shape)}")
+                pairs.append((sid, p))
+        super().load_state_dict(state_dict)
+        for sid, p in pairs:
+            self.state[p] = _copy_state(state_dict["state"][sid], p.device)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters summed over parameters (merges, early merges, skipped non-finite steps, ...)."""
+        out = dict.fromkeys(self.STAT_KEYS, 0)
+        out["nonfinite_skips"] = sum(int(g.get("nonfinite_skips", 0)) for g in self.param_groups)
+        for st in self.state.values():
+            for k in self.STAT_KEYS:
+                out[k] += int(st.get(k, 0))
+        return out

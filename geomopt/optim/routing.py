@@ -1,0 +1,119 @@
+"""Which parameters get the method (factorized) and which get AdamW.
+
+Rules: 2-D weights of ``nn.Linear`` layers are factorized; embeddings, the LM head (tied or not) and
+every tensor that is not 2-D get AdamW. A group with ``factorize=False`` is AdamW throughout.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["EXCLUDED_NAME", "build_param_groups", "is_factorized"]
+
+# Names of parameters that are never factorized when names are known (embeddings and output heads).
+EXCLUDED_NAME = re.compile(
+    r"(^|\.)(embed\w*|wte|wpe|lm_head|tok_embeddings|word_embeddings|position_embeddings|shared|output)(\.|$)"
+)
+
+_UNNAMED_WARNING = (
+    "geomopt: {n} 2-D parameter(s) were given without names, so all of them are factorized, embeddings "
+    "and the LM head included. Pass the model (or model.named_parameters()) to route embeddings and the "
+    "head to AdamW, or put them in a param group with factorize=False."
+)
+
+
+def is_factorized(p: torch.Tensor, group: dict[str, Any]) -> bool:
+    """A parameter is factorized when its group allows it and it is a 2-D floating-point tensor."""
+    return bool(group.get("factorize", True)) and p.dim() == 2 and p.is_floating_point()
+
+
+def _head_weights(model: nn.Module) -> set[int]:
+    ids: set[int] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        head = get_out()
+        if head is not None and getattr(head, "weight", None) is not None:
+            ids.add(id(head.weight))
+    for mod in model.modules():
+        if isinstance(mod, nn.Embedding):
+            ids.add(id(mod.weight))  # a Linear tied to an embedding is the head
+    return ids
+
+
+def _from_module(model: nn.Module) -> list[dict[str, Any]]:
+    excluded = _head_weights(model)
+    routed, dense, seen = [], [], set()
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    for name, p in model.named_parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        if id(p) in linear_weights and id(p) not in excluded and p.dim() == 2 and not EXCLUDED_NAME.search(name):
+            routed.append(p)
+        else:
+            dense.append(p)
+    return _two_groups(routed, dense)
+
+
+def _from_named(named: list[tuple[str, torch.Tensor]]) -> list[dict[str, Any]]:
+    routed, dense, seen = [], [], set()
+    for name, p in named:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"params: expected (name, Tensor) pairs, got ({name!r}, {type(p).__name__})")
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        (routed if p.dim() == 2 and not EXCLUDED_NAME.search(name) else dense).append(p)
+    return _two_groups(routed, dense)
+
+
+def _two_groups(routed: list, dense: list) -> list[dict[str, Any]]:
+    groups = []
+    if routed:
+        groups.append({"params": routed, "factorize": True})
+    if dense:
+        groups.append({"params": dense, "factorize": False})
+    return groups
+
+
+def _strip_names(params: Iterable) -> list:
+    if isinstance(params, torch.Tensor):
+        return [params]
+    out = []
+    for p in params:
+        if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str):
+            p = p[1]
+        out.append(p)
+    return out
+
+
+def build_param_groups(params: Any) -> list[dict[str, Any]]:
+    """Turn what a user passes (module, named_parameters(), params, or param groups) into groups."""
+    if isinstance(params, nn.Module):
+        groups = _from_module(params)
+    else:
+        if isinstance(params, torch.Tensor):
+            raise TypeError(
+                "params: expected an iterable of Tensors, (name, Tensor) pairs, dicts or an nn.Module, "
+                f"got a single Tensor of shape {tuple(params.shape)}"
+            )
+        items = list(params)
+        if items and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items):
+            groups = _from_named(items)
+        elif items and all(isinstance(x, dict) for x in items):
+            groups = [dict(g, params=_strip_names(g["params"]) if "params" in g else []) for g in items]
+        else:
+            for x in items:
+                if not isinstance(x, torch.Tensor):
+                    raise TypeError(f"params: expected Tensors, got an item of type {type(x).__name__}")
+            groups = [{"params": items}]
+            n2d = sum(1 for p in items if p.dim() == 2)
+            if n2d:
+                warnings.warn(_UNNAMED_WARNING.format(n=n2d), UserWarning, stacklevel=4)
+    if not groups:
+        raise ValueError("params: the optimizer got an empty parameter list")
+    return groups
