@@ -192,7 +192,7 @@ class FactorOptimizer(Optimizer):
         """One step of the inner optimizer on ``factors`` (whose ``.grad`` is set); ``states[i]`` is
         the dict (kept inside ``self.state[param]``) that holds factor i's inner state."""
         if self._inner is None:
-            self._inner = self._inner_cls([torch.zeros(1)], lr=0.0, **self._inner_kwargs)
+            self._inner = self._inner_cls([torch.zeros(1)], lr=1.0, **self._inner_kwargs)  # lr set per step
         opt = self._inner
         view = defaultdict(dict)
         for f, s in zip(factors, states):

@@ -38,6 +38,10 @@ def _rotations(qs: list[torch.Tensor], idxs: list[torch.Tensor], terms: int | No
     return out
 
 
+def _eye_like(d: torch.Tensor) -> torch.Tensor:
+    return torch.eye(d.shape[-1], dtype=d.dtype, device=d.device).expand_as(d)
+
+
 def _apply(x: torch.Tensor, rows: list, ds: list, cols: list, es: list) -> torch.Tensor:
     for idx, d in zip(rows, ds):
         x = call("rotate_rows", x, idx, d)
@@ -61,7 +65,9 @@ class POETOptimizer(FactorOptimizer):
     .. math:: \partial L/\partial D_k = G_{s_k} M_{s_k}^\top\ (M = W_0 P),\qquad
               \partial L/\partial E_k = N_{:,t_k}^\top G_{:,t_k}\ (N = R W_0)
 
-    (lean mode: :math:`G_{s_k} W_{s_k}^\top D_k` and :math:`E_k W_{:,t_k}^\top G_{:,t_k}`), back-propagates
+    (lean mode, where M = R^{-1} W and N = W P^{-1}: :math:`G_{s_k} W_{s_k}^\top D_k^{-\top}` and
+    :math:`E_k^{-\top} W_{:,t_k}^\top G_{:,t_k}`, which are DESIGN.md's :math:`G_{s_k} W_{s_k}^\top D_k` and
+    :math:`E_k W_{:,t_k}^\top G_{:,t_k}` for orthogonal blocks, and stay exact for the Neumann series), back-propagates
     them to the packed generators, updates those with the inner optimizer and rewrites W in place.
     Every ``merge_every`` steps it merges (W0 <- R W0 P, Q <- 0, inner state reset, new permutations:
     the paper's merge-then-reinitialize). ``mode="fs"`` draws one block of ``block_size`` indices per
@@ -81,7 +87,8 @@ class POETOptimizer(FactorOptimizer):
     exact_cayley: use the exact Cayley map (batched solve) instead of the Neumann series.
     merge_every: merge-then-reinitialize interval in steps.
     store_base: keep W0 (paper mode, default). ``False`` is lean mode: no dense copy, W rewritten
-        incrementally as W <- (D_new D_old^T) W (E_old^T E_new) on the blocks.
+        incrementally as W <- (D_new D_old^-1) W (E_old^-1 E_new) on the blocks (b x b inverses; for
+        orthogonal blocks D^-1 = D^T), so it equals paper mode up to rounding for every k.
     max_q_norm: threshold of the safeguard above (``None`` turns it off).
 
     Example:
@@ -198,10 +205,12 @@ class POETOptimizer(FactorOptimizer):
                 mat_n = _apply(w0, rows, ds, [], [])  # N = R W0
                 gd = [call("row_block_grad", g, mat_m, idx) for idx in rows]
                 ge = [call("col_block_grad", mat_n, g, idx) for idx in cols]
-            else:
+            else:  # M = R^-1 W and N = W P^-1: D^-T = D, E^-T = E when the blocks are orthogonal
                 w = p.detach().to(fdtype)
-                gd = [call("row_block_grad", g, w, idx) @ d for idx, d in zip(rows, ds)]
-                ge = [e @ call("col_block_grad", w, g, idx) for idx, e in zip(cols, es)]
+                ds_inv, es_inv = [torch.linalg.inv(d) for d in ds], [torch.linalg.inv(e) for e in es]
+                gd = [call("row_block_grad", g, w, idx) @ di.transpose(1, 2) for idx, di in zip(rows, ds_inv)]
+                ge = [ei.transpose(1, 2) @ call("col_block_grad", w, g, idx) for idx, ei in zip(cols, es_inv)]
+                ds, es = list(zip(ds, ds_inv)), list(zip(es, es_inv))
             with torch.enable_grad():
                 grads = torch.autograd.grad(rots, leaves, grad_outputs=gd + ge) if leaves else []
             for q, gq in zip(qs, grads):
@@ -229,9 +238,9 @@ class POETOptimizer(FactorOptimizer):
             dn, en = new[: len(rows)], new[len(rows):]
             if store_base:
                 w_new = _apply(st["w0"], rows, dn, cols, en)
-            else:
-                dr = [a @ b.transpose(1, 2) for a, b in zip(dn, ds)]
-                dp = [b.transpose(1, 2) @ a for a, b in zip(en, es)]
+            else:  # D_new D_old^-1 = I + (D_new - D_old) D_old^-1: exactly I when Q did not move
+                dr = [_eye_like(d) + (a - d) @ di for a, (d, di) in zip(dn, ds)]
+                dp = [_eye_like(e) + ei @ (a - e) for a, (e, ei) in zip(en, es)]
                 w_new = _apply(p.detach().to(_factor_dtype(p)), rows, dr, cols, dp)
             p.copy_(w_new)
             st["step"] += 1
