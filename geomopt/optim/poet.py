@@ -19,8 +19,13 @@ def _factor_dtype(p: torch.Tensor) -> torch.dtype:
     return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
+DEFAULT_BLOCK = 256
+
+
 def _side_block(dim: int, group: dict[str, Any]) -> int:
     b = group["block_size"]
+    if b is None:
+        return DEFAULT_BLOCK
     if isinstance(b, float):  # fully stochastic: a fraction of the dimension
         return max(2, int(round(b * dim)))
     return b
@@ -80,7 +85,9 @@ class POETOptimizer(FactorOptimizer):
 
     Args:
     """ + COMMON_ARGS_DOC + r"""
-    block_size: block size b (int >= 2); in ``"fs"`` mode also a fraction in (0, 1].
+    block_size: block size b (int >= 2); in ``"fs"`` mode also a fraction in (0, 1]. Default (None):
+        256 (the paper's POET-BS setting), clamped to each side's dimension, so small models work;
+        an explicit size larger than every routed weight is an error.
     mode: ``"bs"`` (block-stochastic, default) or ``"fs"`` (fully stochastic).
     neumann_terms: k of the Cayley-Neumann series (default 5; the paper's ablation: 1 does not
         converge). k = 4 keeps the spectrum better (orthogonality error O(||Q||^10) vs O(||Q||^6)).
@@ -104,7 +111,7 @@ class POETOptimizer(FactorOptimizer):
 
     STAT_KEYS = ("merges", "early_merges")
 
-    def __init__(self, params: Any, lr: float = 1e-3, *, block_size: int | float = 256, mode: str = "bs",
+    def __init__(self, params: Any, lr: float = 1e-3, *, block_size: int | float | None = None, mode: str = "bs",
                  neumann_terms: int = 5, exact_cayley: bool = False, merge_every: int = 200,
                  store_base: bool = True, max_q_norm: float | None = 0.5,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
@@ -122,7 +129,9 @@ class POETOptimizer(FactorOptimizer):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         b = group["block_size"]
-        if isinstance(b, bool) or not isinstance(b, (int, float)):
+        if b is None:
+            b = DEFAULT_BLOCK
+        elif isinstance(b, bool) or not isinstance(b, (int, float)):
             raise TypeError(f"block_size must be an int (or a float fraction in 'fs' mode), got {b!r}")
         if isinstance(b, float):
             if mode != "fs":
@@ -131,7 +140,7 @@ class POETOptimizer(FactorOptimizer):
                 raise ValueError(f"block_size as a fraction must be in (0, 1], got {b!r}")
         elif b < 2:
             raise ValueError(f"block_size must be >= 2, got {b!r}")
-        elif factorized and all(b > max(p.shape) for p in factorized):
+        elif group["block_size"] is not None and factorized and all(b > max(p.shape) for p in factorized):
             largest = max(max(p.shape) for p in factorized)
             raise ValueError(f"block_size={b} is larger than every routed weight (largest dimension {largest})")
         _check_number("neumann_terms", group["neumann_terms"], low=1, integer=True)

@@ -102,9 +102,11 @@ def build_param_groups(params: Any) -> list[dict[str, Any]]:
                 f"got a single Tensor of shape {tuple(params.shape)}"
             )
         items = list(params)
-        if items and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items):
+        if not items:
+            raise ValueError("params: the optimizer got an empty parameter list")
+        if all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items):
             groups = _from_named(items)
-        elif items and all(isinstance(x, dict) for x in items):
+        elif all(isinstance(x, dict) for x in items):
             groups = [dict(g, params=_strip_names(g["params"]) if "params" in g else []) for g in items]
         else:
             for x in items:

@@ -1,0 +1,265 @@
+"""The main job: every optimizer on the same small LLaMA and the same tokens, side by side.
+
+    python -m geomopt.bench            # or: geomopt-bench --optimizers adamw,poet --steps 200
+
+Each optimizer trains in its own spawned process (so peak memory is its own) on the embedded corpus
+(``geomopt.data``) or ``--text-file``; the table reports validation loss, tokens/s, optimizer step
+time, optimizer-state bytes and peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import data as corpus
+from .init import normalized_gaussian_
+from .optim import POET
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden=32, layers=2, heads=2, intermediate=64, seq_len=32, batch=4, steps=12, eval_windows=4),
+    "small": dict(hidden=128, layers=4, heads=4, intermediate=384, seq_len=128, batch=16, steps=300, eval_windows=32),
+    "60m": dict(hidden=512, layers=8, heads=8, intermediate=1376, seq_len=256, batch=64, steps=2000, eval_windows=64),
+}
+
+# name -> (constructor, default lr); the constructor takes (model, lr, args)
+OPTIMIZERS = {
+    "adamw": (lambda m, lr, a: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01), 3e-3),
+    "poet": (lambda m, lr, a: POET(m, lr=lr, block_size=a.block_size, merge_every=a.merge_every), 3e-3),
+    "poet-lean": (lambda m, lr, a: POET(m, lr=lr, block_size=a.block_size, merge_every=a.merge_every,
+                                        store_base=False), 3e-3),
+    "poet-fs": (lambda m, lr, a: POET(m, lr=lr, block_size=0.5, mode="fs", merge_every=a.merge_every), 3e-3),
+}
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor held in the optimizer's state (factors, moments, permutations, ...)."""
+    seen: set[int] = set()
+
+    def walk(v: Any) -> int:
+        if isinstance(v, torch.Tensor):
+            if id(v) in seen:
+                return 0
+            seen.add(id(v))
+            return v.numel() * v.element_size()
+        if isinstance(v, dict):
+            return sum(walk(x) for x in v.values())
+        if isinstance(v, (list, tuple)):
+            return sum(walk(x) for x in v)
+        return 0
+
+    return sum(walk(s) for s in opt.state.values())
+
+
+def build_model(args: argparse.Namespace) -> torch.nn.Module:
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise SystemExit("geomopt-bench needs transformers: pip install 'geomopt[bench]'") from err
+    cfg = LlamaConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                      max_position_embeddings=args.seq_len, tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(args.seed)
+    return LlamaForCausalLM(cfg)
+
+
+def lr_lambda(total: int, warmup: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, windows: torch.Tensor) -> float:
+    model.eval()
+    losses = [model(input_ids=w[None, :-1], labels=w[None, 1:].clone()).loss.item() for w in windows]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def _labels_shift(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch[:, :-1], batch[:, 1:]
+
+
+def train_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Train one optimizer; returns its row of the table."""
+    torch.set_num_threads(args.threads)
+    train_tokens, val_tokens = corpus.load_corpus(args.max_bytes, args.text_file)
+    windows = corpus.eval_windows(val_tokens, args.eval_windows, args.seq_len)
+    model = build_model(args).to(args.device)
+    if name.startswith("poet") and args.poet_init == "normalized":
+        normalized_gaussian_(model, generator=torch.Generator().manual_seed(args.seed))
+    make, default_lr = OPTIMIZERS[name]
+    lr = getattr(args, f"lr_{name.replace('-', '_')}", None) or default_lr
+    opt = make(model, lr, args)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.steps, max(1, args.steps // 10)))
+    gen = torch.Generator().manual_seed(args.seed + 1)  # the same batches for every optimizer
+    curve, step_time, train_time = [], 0.0, 0.0
+    bar = _progress(args.steps, name, args.quiet)
+    for step in range(1, args.steps + 1):
+        batch = corpus.sample_batch(train_tokens, args.batch, args.seq_len, gen).to(args.device)
+        t0 = time.perf_counter()
+        inputs, labels = _labels_shift(batch)
+        logits = model(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        loss.backward()
+        t1 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        _sync(args.device)
+        t2 = time.perf_counter()
+        step_time += t2 - t1
+        train_time += t2 - t0
+        if step % args.eval_every == 0 or step == args.steps:
+            curve.append((step * args.batch * args.seq_len, evaluate(model, windows.to(args.device))))
+        bar(step, loss.item())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    row = dict(optimizer=name, lr=lr, val_loss=curve[-1][1], val_ppl=math.exp(curve[-1][1]),
+               tokens_per_s=args.steps * args.batch * args.seq_len / train_time,
+               step_ms=1000 * step_time / args.steps, state_bytes=state_bytes(opt), peak_rss_bytes=peak,
+               curve=curve, stats=getattr(opt, "stats", {}))
+    if args.device.startswith("cuda"):
+        row["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+    return row
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _progress(total: int, name: str, quiet: bool):
+    if quiet:
+        return lambda step, loss: None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        def plain(step: int, loss: float) -> None:
+            if step % max(1, total // 10) == 0 or step == total:
+                print(f"{name}: step {step}/{total} loss {loss:.3f}", file=sys.stderr, flush=True)
+        return plain
+    bar = tqdm(total=total, desc=f"{name:>10}", file=sys.stderr, mininterval=1.0)
+
+    def update(step: int, loss: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        if step == total:
+            bar.close()
+    return update
+
+
+def _child(name: str, args: argparse.Namespace, queue) -> None:
+    try:
+        queue.put(("ok", train_one(name, args)))
+    except BaseException as err:  # report, never hang the parent
+        queue.put(("error", f"{type(err).__name__}: {err}"))
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for name in args.optimizers:
+        if args.in_process:
+            rows.append(train_one(name, args))
+            continue
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_child, args=(name, args, queue))
+        proc.start()
+        status, payload = queue.get()
+        proc.join()
+        if status != "ok":
+            raise RuntimeError(f"optimizer {name!r} failed: {payload}")
+        rows.append(payload)
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    base = next((r for r in rows if r["optimizer"] == "adamw"), None)
+
+    def ratio(r, key):
+        return f" ({r[key] / base[key]:.2f}x)" if base and base[key] else ""
+
+    head = ("| optimizer | lr | val loss | val ppl | tokens/s | step ms | optimizer state | peak RSS |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- |")
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"| {r['optimizer']} | {r['lr']:g} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | "
+            f"{r['tokens_per_s']:.0f}{ratio(r, 'tokens_per_s')} | {r['step_ms']:.1f}{ratio(r, 'step_ms')} | "
+            f"{r['state_bytes'] / 2**20:.2f} MiB{ratio(r, 'state_bytes')} | "
+            f"{r['peak_rss_bytes'] / 2**20:.0f} MiB{ratio(r, 'peak_rss_bytes')} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="geomopt-bench", description=__doc__.split("\n")[0])
+    p.add_argument("--optimizers", default="adamw,poet", help=f"comma list of {','.join(OPTIMIZERS)}")
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    for key in ("hidden", "layers", "heads", "intermediate", "seq_len", "batch", "steps", "eval_windows"):
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"override the preset's {key}")
+    p.add_argument("--eval-every", type=int, default=None, help="validation every N steps (default: steps // 6)")
+    for name in OPTIMIZERS:
+        p.add_argument(f"--lr-{name}", type=float, default=None, help=f"learning rate of {name}")
+    p.add_argument("--block-size", type=int, default=32, help="POET block size (default 32 = hidden / 4)")
+    p.add_argument("--merge-every", type=int, default=50, help="POET merge interval in steps")
+    p.add_argument("--poet-init", choices=("normalized", "default"), default="normalized",
+                   help="initialize POET's weights with the paper's normalized Gaussian, or the model's own")
+    p.add_argument("--text-file", default=None, help="train on this file's bytes instead of the embedded corpus")
+    p.add_argument("--max-bytes", type=int, default=8_000_000, help="bytes of corpus to read")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--out", default=None, help="folder for results.json and table.md")
+    p.add_argument("--in-process", action="store_true", help="no subprocess per optimizer (peak memory is shared)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    unknown = [o for o in args.optimizers if o not in OPTIMIZERS]
+    if unknown or not args.optimizers:
+        p.error(f"--optimizers: unknown {unknown}; choose from {','.join(OPTIMIZERS)}")
+    for key in ("hidden", "layers", "heads", "intermediate", "seq_len", "batch", "steps", "eval_windows"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.hidden % args.heads:
+        p.error(f"--hidden {args.hidden} must be divisible by --heads {args.heads}")
+    args.eval_every = args.eval_every or max(1, args.steps // 6)
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    rows = run(args)
+    md = table(rows)
+    machine = (f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+               f"Python {platform.python_version()}, device {args.device}")
+    print(f"\npreset {args.preset}: {args.steps} steps x {args.batch} x {args.seq_len} tokens, seed {args.seed}; "
+          f"{machine}; {time.perf_counter() - t0:.0f} s in all\n")
+    print(md)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({"args": vars(args), "machine": machine, "rows": rows}, indent=2))
+        (out / "table.md").write_text(md + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
