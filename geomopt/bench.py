@@ -85,13 +85,15 @@ def lr_lambda(total: int, warmup: int):
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, windows: torch.Tensor) -> float:
     model.eval()
-    losses = [model(input_ids=w[None, :-1], labels=w[None, 1:].clone()).loss.item() for w in windows]
+    losses = [next_token_loss(model, w[None]).item() for w in windows]
     model.train()
     return sum(losses) / len(losses)
 
 
-def _labels_shift(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return batch[:, :-1], batch[:, 1:]
+def next_token_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of predicting batch[:, 1:] from batch[:, :-1]."""
+    logits = model(input_ids=batch[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
 
 
 def train_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -107,14 +109,12 @@ def train_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     opt = make(model, lr, args)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.steps, max(1, args.steps // 10)))
     gen = torch.Generator().manual_seed(args.seed + 1)  # the same batches for every optimizer
-    curve, step_time, train_time = [], 0.0, 0.0
+    curve, step_time, train_time, peak_state = [], 0.0, 0.0, 0
     bar = _progress(args.steps, name, args.quiet)
     for step in range(1, args.steps + 1):
         batch = corpus.sample_batch(train_tokens, args.batch, args.seq_len, gen).to(args.device)
         t0 = time.perf_counter()
-        inputs, labels = _labels_shift(batch)
-        logits = model(input_ids=inputs).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        loss = next_token_loss(model, batch)
         loss.backward()
         t1 = time.perf_counter()
         opt.step()
@@ -124,13 +124,14 @@ def train_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         t2 = time.perf_counter()
         step_time += t2 - t1
         train_time += t2 - t0
+        peak_state = max(peak_state, state_bytes(opt))  # factors' inner state is dropped at merges
         if step % args.eval_every == 0 or step == args.steps:
             curve.append((step * args.batch * args.seq_len, evaluate(model, windows.to(args.device))))
         bar(step, loss.item())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     row = dict(optimizer=name, lr=lr, val_loss=curve[-1][1], val_ppl=math.exp(curve[-1][1]),
                tokens_per_s=args.steps * args.batch * args.seq_len / train_time,
-               step_ms=1000 * step_time / args.steps, state_bytes=state_bytes(opt), peak_rss_bytes=peak,
+               step_ms=1000 * step_time / args.steps, state_bytes=peak_state, peak_rss_bytes=peak,
                curve=curve, stats=getattr(opt, "stats", {}))
     if args.device.startswith("cuda"):
         row["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()

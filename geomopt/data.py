@@ -50,10 +50,16 @@ def load_corpus(max_bytes: int = 8_000_000, text_file: str | Path | None = None)
         total += len(data)
         if total >= max_bytes:
             break
-    return _as_tensor(b"".join(train)), _as_tensor(b"".join(val))
+    train_b, val_b = b"".join(train), b"".join(val)
+    if len(val_b) < max(1024, total // 40):  # a small budget: the tail of train becomes validation
+        cut = len(train_b) - max(1024, len(train_b) // 20)
+        train_b, val_b = train_b[:cut], train_b[cut:] + val_b
+    return _as_tensor(train_b), _as_tensor(val_b)
 
 
 def _as_tensor(data: bytes) -> torch.Tensor:
+    if not data:
+        return torch.empty(0, dtype=torch.uint8)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 

@@ -70,9 +70,10 @@ class POETOptimizer(FactorOptimizer):
     .. math:: \partial L/\partial D_k = G_{s_k} M_{s_k}^\top\ (M = W_0 P),\qquad
               \partial L/\partial E_k = N_{:,t_k}^\top G_{:,t_k}\ (N = R W_0)
 
-    (lean mode, where M = R^{-1} W and N = W P^{-1}: :math:`G_{s_k} W_{s_k}^\top D_k^{-\top}` and
-    :math:`E_k^{-\top} W_{:,t_k}^\top G_{:,t_k}`, which are DESIGN.md's :math:`G_{s_k} W_{s_k}^\top D_k` and
-    :math:`E_k W_{:,t_k}^\top G_{:,t_k}` for orthogonal blocks, and stay exact for the Neumann series), back-propagates
+    computed from the current W in both modes, since :math:`M = R^{-1} W` and :math:`N = W P^{-1}`:
+    :math:`G_{s_k} W_{s_k}^\top D_k^{-\top}` and :math:`E_k^{-\top} W_{:,t_k}^\top G_{:,t_k}` (b x b
+    inverses; for orthogonal blocks these are DESIGN.md's :math:`G_{s_k} W_{s_k}^\top D_k` and
+    :math:`E_k W_{:,t_k}^\top G_{:,t_k}`, and they stay exact for the Neumann series), back-propagates
     them to the packed generators, updates those with the inner optimizer and rewrites W in place.
     Every ``merge_every`` steps it merges (W0 <- R W0 P, Q <- 0, inner state reset, new permutations:
     the paper's merge-then-reinitialize). ``mode="fs"`` draws one block of ``block_size`` indices per
@@ -208,18 +209,14 @@ class POETOptimizer(FactorOptimizer):
                 leaves = [q.detach().requires_grad_() for q in qs]
                 rots = _rotations(leaves, rows + cols, terms)
             ds, es = [r.detach() for r in rots[: len(rows)]], [r.detach() for r in rots[len(rows):]]
-            if store_base:
-                w0 = st["w0"]
-                mat_m = _apply(w0, [], [], cols, es)  # M = W0 P
-                mat_n = _apply(w0, rows, ds, [], [])  # N = R W0
-                gd = [call("row_block_grad", g, mat_m, idx) for idx in rows]
-                ge = [call("col_block_grad", mat_n, g, idx) for idx in cols]
-            else:  # M = R^-1 W and N = W P^-1: D^-T = D, E^-T = E when the blocks are orthogonal
-                w = p.detach().to(fdtype)
-                ds_inv, es_inv = [torch.linalg.inv(d) for d in ds], [torch.linalg.inv(e) for e in es]
-                gd = [call("row_block_grad", g, w, idx) @ di.transpose(1, 2) for idx, di in zip(rows, ds_inv)]
-                ge = [ei.transpose(1, 2) @ call("col_block_grad", w, g, idx) for idx, ei in zip(cols, es_inv)]
-                ds, es = list(zip(ds, ds_inv)), list(zip(es, es_inv))
+            # M = W0 P = R^-1 W and N = R W0 = W P^-1 hold in both modes, so the gradients are taken from
+            # W itself (DESIGN.md's lean formulas, with D^-T = D and E^-T = E for orthogonal blocks):
+            # dL/dD_k = G[s_k] W[s_k]^T D_k^-T,  dL/dE_k = E_k^-T W[:, t_k]^T G[:, t_k]
+            w = p.detach().to(fdtype)
+            ds_inv, es_inv = [torch.linalg.inv(d) for d in ds], [torch.linalg.inv(e) for e in es]
+            gd = [call("row_block_grad", g, w, idx) @ di.transpose(1, 2) for idx, di in zip(rows, ds_inv)]
+            ge = [ei.transpose(1, 2) @ call("col_block_grad", w, g, idx) for idx, ei in zip(cols, es_inv)]
+            ds, es = list(zip(ds, ds_inv)), list(zip(es, es_inv))
             with torch.enable_grad():
                 grads = torch.autograd.grad(rots, leaves, grad_outputs=gd + ge) if leaves else []
             for q, gq in zip(qs, grads):

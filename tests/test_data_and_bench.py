@@ -1,0 +1,61 @@
+"""The embedded corpus and the benchmark's command line."""
+import json
+import math
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+import torch
+
+from geomopt import bench, data
+
+pytest.importorskip("transformers")
+
+
+def test_corpus_is_deterministic_and_split():
+    a_train, a_val = data.load_corpus(max_bytes=300_000)
+    b_train, b_val = data.load_corpus(max_bytes=300_000)
+    assert torch.equal(a_train, b_train) and torch.equal(a_val, b_val)
+    assert a_val.numel() >= 1024 and a_train.numel() > 10 * a_val.numel()
+    assert a_train.numel() + a_val.numel() >= 300_000
+    root = sysconfig.get_paths()["stdlib"]
+    rel = [p.relative_to(root).as_posix() for p in data.stdlib_files()]
+    assert rel == sorted(rel) and len(rel) > 100 and not any("site-packages" in r for r in rel)
+
+
+def test_text_file_and_bad_input(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_bytes(bytes(range(256)) * 40)
+    train, val = data.load_corpus(max_bytes=1_000_000, text_file=path)
+    assert train.numel() + val.numel() == 256 * 40 and bytes(val.tolist()) == path.read_bytes()[-val.numel():]
+    with pytest.raises(ValueError, match="is not a readable file"):
+        data.load_corpus(text_file=tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="max_bytes must be an int >= 1024, got 10"):
+        data.load_corpus(max_bytes=10)
+    gen = torch.Generator().manual_seed(0)
+    batch = data.sample_batch(train, 3, 16, gen)
+    assert batch.shape == (3, 17) and batch.dtype == torch.long
+    with pytest.raises(ValueError, match="too short for seq_len=10000"):
+        data.sample_batch(train, 1, 10_000, gen)
+
+
+def test_bench_tiny_writes_results(tmp_path):
+    rows = bench.main(["--preset", "tiny", "--optimizers", "adamw,poet-lean", "--in-process", "--quiet",
+                       "--out", str(tmp_path), "--block-size", "8"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["optimizer"] for r in saved["rows"]] == ["adamw", "poet-lean"]
+    for r in rows:
+        assert math.isfinite(r["val_loss"]) and r["val_loss"] < math.log(256) + 0.5
+        assert r["tokens_per_s"] > 0 and r["state_bytes"] > 0
+    assert "| adamw |" in (tmp_path / "table.md").read_text()
+
+
+def test_bench_cli_runs_in_a_subprocess_and_rejects_bad_flags():
+    out = subprocess.run([sys.executable, "-m", "geomopt.bench", "--preset", "tiny", "--optimizers", "poet",
+                          "--quiet", "--steps", "3", "--block-size", "8"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "| poet |" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "geomopt.bench", "--optimizers", "sgd"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown ['sgd']" in bad.stderr
