@@ -34,10 +34,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 # name -> (constructor, default lr); the constructor takes (model, lr, args)
 OPTIMIZERS = {
     "adamw": (lambda m, lr, a: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01), 3e-3),
-    "poet": (lambda m, lr, a: POET(m, lr=lr, block_size=a.block_size, merge_every=a.merge_every), 3e-3),
+    "poet": (lambda m, lr, a: POET(m, lr=lr, block_size=a.block_size, merge_every=a.merge_every), 1e-2),
     "poet-lean": (lambda m, lr, a: POET(m, lr=lr, block_size=a.block_size, merge_every=a.merge_every,
-                                        store_base=False), 3e-3),
-    "poet-fs": (lambda m, lr, a: POET(m, lr=lr, block_size=0.5, mode="fs", merge_every=a.merge_every), 3e-3),
+                                        store_base=False), 1e-2),
+    "poet-fs": (lambda m, lr, a: POET(m, lr=lr, block_size=0.5, mode="fs", merge_every=a.merge_every), 1e-2),
 }
 
 
@@ -194,15 +194,17 @@ def table(rows: list[dict[str, Any]]) -> str:
     def ratio(r, key):
         return f" ({r[key] / base[key]:.2f}x)" if base and base[key] else ""
 
-    head = ("| optimizer | lr | val loss | val ppl | tokens/s | step ms | optimizer state | peak RSS |\n"
-            "| --- | --- | --- | --- | --- | --- | --- | --- |")
+    head = ("| optimizer | lr | val loss | val ppl | tokens/s | step ms | optimizer state | peak RSS | merges (early) |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     lines = [head]
     for r in rows:
+        st = r.get("stats") or {}
+        merges = f"{st['merges']} ({st['early_merges']})" if "merges" in st else "-"
         lines.append(
             f"| {r['optimizer']} | {r['lr']:g} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | "
             f"{r['tokens_per_s']:.0f}{ratio(r, 'tokens_per_s')} | {r['step_ms']:.1f}{ratio(r, 'step_ms')} | "
             f"{r['state_bytes'] / 2**20:.2f} MiB{ratio(r, 'state_bytes')} | "
-            f"{r['peak_rss_bytes'] / 2**20:.0f} MiB{ratio(r, 'peak_rss_bytes')} |")
+            f"{r['peak_rss_bytes'] / 2**20:.0f} MiB{ratio(r, 'peak_rss_bytes')} | {merges} |")
     return "\n".join(lines)
 
 
