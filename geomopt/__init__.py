@@ -1,10 +1,11 @@
 """geomopt: geometry-aware optimizers for training large language models.
 
-Swap ``torch.optim.AdamW`` for ``geomopt.POET`` and keep the training loop.
+Swap ``torch.optim.AdamW`` for ``geomopt.POET`` (or ``geomopt.ReLoRAReset``) and keep the training loop.
 """
-from . import geometry, init, optim
-from .optim import POET, FactorOptimizer, POETOptimizer
+from . import geometry, init, optim, relora, schedules
+from .optim import POET, FactorOptimizer, POETOptimizer, ReLoRAReset
 
 __version__ = "0.1.0"
 
-__all__ = ["POET", "POETOptimizer", "FactorOptimizer", "geometry", "init", "optim", "__version__"]
+__all__ = ["POET", "POETOptimizer", "ReLoRAReset", "FactorOptimizer", "geometry", "init", "optim", "relora",
+           "schedules", "__version__"]

@@ -246,7 +246,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: run the benchmark and print its table; returns the exit status."""
+    run_bench(argv)
+    return 0
+
+
+def run_bench(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run the benchmark with command-line ``argv``; returns the table's rows."""
     args = parse_args(argv)
     t0 = time.perf_counter()
     rows = run(args)
@@ -265,4 +272,4 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from optim_table import IDS, OPTIMIZERS
+from optim_table import CYCLE_STAT, FACTOR_KEY, IDS, LONG_CYCLE, OPTIMIZERS
 
 
 def make_model(seed=0, dtype=torch.float32):
@@ -73,11 +73,12 @@ def test_routing_embeddings_and_head_on_adamw(name):
     model = Head(make_model())
     opt = build(name, model)
     train(model, opt, batches(2))
+    key = FACTOR_KEY[OPTIMIZERS[name][0]]
     emb, l1, l2, head = model.seq[0].weight, model.seq[1].weight, model.seq[3].weight, model.seq[5].weight
     for p in (l1, l2):
-        assert "q_row" in opt.state[p]
+        assert key in opt.state[p] and "exp_avg" not in opt.state[p]
     for p in (emb, head, model.seq[1].bias, model.seq[4].weight):
-        assert "exp_avg" in opt.state[p] and "q_row" not in opt.state[p]
+        assert "exp_avg" in opt.state[p] and key not in opt.state[p]
 
 
 @pytest.mark.parametrize("name", IDS)
@@ -93,7 +94,7 @@ def test_state_dict_lockstep_roundtrip(name):
     train(clone, opt2, data[20:])
     for a, b in zip(weights(model), weights(clone)):
         assert torch.equal(a, b)
-    assert opt.stats == opt2.stats and opt.stats["merges"] > 0
+    assert opt.stats == opt2.stats and opt.stats[CYCLE_STAT[OPTIMIZERS[name][0]]] > 0
 
 
 @pytest.mark.parametrize("name", IDS)
@@ -130,7 +131,7 @@ def test_add_param_group_closure_zero_grad(name):
     extra = nn.Linear(11, 11)
     opt.add_param_group({"params": [extra.weight], "lr": 5e-3, "custom_key": "kept"})
     assert opt.param_groups[-1]["custom_key"] == "kept"
-    assert opt.param_groups[-1]["block_size"] == opt.defaults["block_size"]
+    assert all(opt.param_groups[-1][k] == v for k, v in opt.defaults.items() if k != "lr")
     tokens = batches(1)[0]
     before = extra.weight.detach().clone()
 
@@ -142,7 +143,8 @@ def test_add_param_group_closure_zero_grad(name):
 
     loss = opt.step(closure)
     assert isinstance(loss, torch.Tensor) and loss.ndim == 0
-    assert "q_row" in opt.state[extra.weight] and not torch.equal(extra.weight, before)
+    key = FACTOR_KEY[OPTIMIZERS[name][0]]
+    assert key in opt.state[extra.weight] and not torch.equal(extra.weight, before)
     opt.zero_grad()
     assert all(p.grad is None for g in opt.param_groups for p in g["params"])
     sd = roundtrip(opt.state_dict())
@@ -179,15 +181,23 @@ def test_bf16_factors_stay_fp32_after_load(name):
     model = Head(make_model(dtype=torch.bfloat16))
     opt = build(name, model)
     train(model, opt, batches(4))
-    opt2 = build(name, copy.deepcopy(model))
+    clone = copy.deepcopy(model)
+    opt2 = build(name, clone)
     opt2.load_state_dict(roundtrip(opt.state_dict()))
-    st = opt2.state[list(opt2.param_groups[0]["params"])[0]]
-    assert st["perm_row"].dtype == torch.int64 and st["rng"].dtype == torch.uint8
-    assert all(q.dtype == torch.float32 for q in st["q_row"] + st["q_col"])
-    if "w0" in st:
-        assert st["w0"].dtype == torch.float32
-    for (k, a), b in zip(opt.state.items(), opt2.state.values()):
-        assert a.keys() == b.keys()
+
+    def dtypes(v):
+        if isinstance(v, torch.Tensor):
+            return v.dtype
+        if isinstance(v, dict):
+            return {k: dtypes(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [dtypes(x) for x in v]
+        return type(v)
+
+    for p, q in zip(model.parameters(), clone.parameters()):
+        assert dtypes(opt.state[p]) == dtypes(opt2.state[q])
+    flat = str(dtypes(opt2.state[clone.seq[1].weight]))
+    assert "torch.float32" in flat and "torch.uint8" in flat  # fp32 factors, the generator state
 
 
 @pytest.mark.parametrize("name", IDS)
@@ -216,14 +226,14 @@ def test_nonfinite_gradient_skip_and_raise(name):
 
 
 @pytest.mark.parametrize("name", IDS)
-def test_converges_on_an_orthogonally_reachable_quadratic(name):
+def test_converges_on_a_reachable_quadratic(name):
     torch.manual_seed(0)
     lin = nn.Linear(8, 8, bias=False)
     with torch.no_grad():
         q1, _ = torch.linalg.qr(torch.randn(8, 8))
         q2, _ = torch.linalg.qr(torch.randn(8, 8))
-        target = q1 @ lin.weight @ q2  # same singular values: reachable by W = R W0 P
-    opt = build(name, [("w", lin.weight)], lr=3e-2, merge_every=20)
+        target = q1 @ lin.weight @ q2  # same singular values: reachable by POET's W = R W0 P too
+    opt = build(name, [("w", lin.weight)], lr=3e-2, **LONG_CYCLE[OPTIMIZERS[name][0]])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / 600)
     first = None
     for _ in range(600):

@@ -41,7 +41,7 @@ def test_text_file_and_bad_input(tmp_path):
 
 
 def test_bench_tiny_writes_results(tmp_path):
-    rows = bench.main(["--preset", "tiny", "--optimizers", "adamw,poet-lean", "--in-process", "--quiet",
+    rows = bench.run_bench(["--preset", "tiny", "--optimizers", "adamw,poet-lean", "--in-process", "--quiet",
                        "--out", str(tmp_path), "--block-size", "8"])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [r["optimizer"] for r in saved["rows"]] == ["adamw", "poet-lean"]

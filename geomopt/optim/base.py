@@ -188,9 +188,10 @@ class FactorOptimizer(Optimizer):
         g["params"] = []
 
     def _inner_step(self, group: dict[str, Any], factors: list[torch.Tensor],
-                    states: list[dict[str, Any]], lr_scale: float = 1.0) -> None:
+                    states: list[dict[str, Any]], lr_scale: float = 1.0, clear_grads: bool = True) -> None:
         """One step of the inner optimizer on ``factors`` (whose ``.grad`` is set); ``states[i]`` is
-        the dict (kept inside ``self.state[param]``) that holds factor i's inner state."""
+        the dict (kept inside ``self.state[param]``) that holds factor i's inner state. The factors'
+        ``.grad`` is dropped afterwards unless ``clear_grads`` is False (a parameter's own gradient)."""
         if self._inner is None:
             self._inner = self._inner_cls([torch.zeros(1)], lr=1.0, **self._inner_kwargs)  # lr set per step
         opt = self._inner
@@ -204,8 +205,9 @@ class FactorOptimizer(Optimizer):
         opt.step()
         g["params"] = []
         opt.state = defaultdict(dict)  # type: ignore[assignment]
-        for f in factors:
-            f.grad = None
+        if clear_grads:
+            for f in factors:
+                f.grad = None
 
     # ------------------------------------------------------------------ subclass hooks
     def _init_factor_state(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:

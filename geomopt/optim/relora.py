@@ -1,0 +1,217 @@
+"""ReLoRA: high-rank training through low-rank updates, as an optimizer."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .base import COMMON_ARGS_DOC, FactorOptimizer, _check_number
+
+__all__ = ["ReLoRAReset", "PRUNE_MODES", "prune_state_"]
+
+PRUNE_MODES = ("magnitude", "random", "reset")
+
+
+def _factor_dtype(p: torch.Tensor) -> torch.dtype:
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+
+def keep_count(numel: int, prune_ratio: float) -> int:
+    """Entries a factor keeps after pruning: ceil((1 - prune_ratio) * numel)."""
+    return min(numel, math.ceil((1.0 - prune_ratio) * numel - 1e-9))
+
+
+def prune_state_(state: dict[str, Any], like: torch.Tensor, prune_ratio: float, mode: str,
+                 generator: torch.Generator) -> None:
+    """Prune one factor's inner optimizer state in place with ONE mask shared by all its moments.
+
+    Every state tensor shaped like the factor (Adam's exp_avg and exp_avg_sq, ...) is multiplied by
+    the same 0/1 mask, so no entry keeps a first moment with a zeroed second moment (its next Adam
+    update would be m / eps). ``"magnitude"`` keeps the ceil((1 - p) n) entries of largest
+    |exp_avg| (or of the first such tensor when there is no exp_avg); ``"random"`` keeps as many
+    entries drawn from ``generator``; ``"reset"`` empties the state. Scalars (``step``) are kept.
+    """
+    if mode == "reset":
+        state.clear()
+        return
+    moments = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and v.shape == like.shape}
+    if not moments:
+        return
+    n = like.numel()
+    keep = keep_count(n, prune_ratio)
+    if mode == "magnitude":
+        score = moments.get("exp_avg", next(iter(moments.values()))).abs().flatten()
+        idx = torch.topk(score.float(), keep, sorted=False).indices
+    else:
+        idx = torch.randperm(n, generator=generator)[:keep].to(like.device)
+    mask = torch.zeros(n, dtype=torch.bool, device=like.device)
+    mask[idx] = True
+    mask = mask.view(like.shape)
+    for v in moments.values():
+        v.mul_(mask)
+
+
+class ReLoRAReset(FactorOptimizer):
+    r"""ReLoRA (Lialin et al., arXiv 2307.05695) as a drop-in replacement for ``torch.optim.AdamW``.
+
+    Every routed weight is trained as :math:`W = W_{start} + s\,B A` with :math:`s = \alpha / r`,
+    :math:`A \in \mathbb{R}^{r\times n}`, :math:`B \in \mathbb{R}^{m\times r}`. From the dense gradient G:
+
+    .. math:: \partial L/\partial B = s\,G A^\top,\qquad \partial L/\partial A = s\,B^\top G
+
+    The inner optimizer updates A, B and the weight is rewritten in place,
+    :math:`W \leftarrow W + s\,(B' A' - B A)`: no dense copy of :math:`W_{start}` is kept. Every
+    ``reset_every`` steps of a cycle (the paper's merge-and-reinit): A is redrawn (Kaiming uniform,
+    a = sqrt 5, from the parameter's saved generator), B <- 0 (the official code zeroes both, so nothing
+    trains until the next reset; here B alone is zeroed), and the inner state of A and B is pruned
+    (``prune_ratio`` per tensor, one mask shared by a factor's moments). After each reset the factors'
+    lr is scaled from 0 back to 1 over ``restart_warmup_steps`` inside the optimizer, so any ordinary
+    scheduler works unchanged (with ``geomopt.schedules.jagged_cosine`` set it to 0).
+
+    Differences from module LoRA: there is no LoRA dropout and the forward stays dense (W is a plain
+    weight), so there are no compute savings in the forward; the optimizer-state saving is the point.
+    For frozen-base compute savings, keep peft LoRA layers and use ``geomopt.relora.merge_and_reinit``.
+
+    Args:
+    """ + COMMON_ARGS_DOC + r"""
+    rank: r of the update in each cycle (<= min(m, n) of every routed weight).
+    alpha: LoRA scale numerator; s = alpha / rank.
+    reset_every: steps per cycle.
+    prune_ratio: fraction of each factor's inner state zeroed at a reset, in [0, 1) (paper: 0.99).
+    prune: ``"magnitude"`` (default), ``"random"`` or ``"reset"`` (drop the whole state).
+    warm_start_steps: the first steps train routed weights full-rank with the inner optimizer; then
+        that state is freed and the low-rank cycles begin.
+    restart_warmup_steps: steps of the post-reset lr warm-up (0 turns it off).
+
+    Example:
+        >>> import torch, geomopt
+        >>> model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+        >>> opt = geomopt.ReLoRAReset(model, lr=1e-2, rank=4, alpha=8, reset_every=20)
+        >>> x, y = torch.randn(64, 16), torch.randn(64, 4)
+        >>> for _ in range(3):
+        ...     opt.zero_grad()
+        ...     torch.nn.functional.mse_loss(model(x), y).backward()
+        ...     opt.step()
+    """
+
+    STAT_KEYS = ("resets",)
+
+    def __init__(self, params: Any, lr: float = 1e-3, *, rank: int = 128, alpha: float = 32.0,
+                 reset_every: int = 2000, prune_ratio: float = 0.99, prune: str = "magnitude",
+                 warm_start_steps: int = 0, restart_warmup_steps: int = 100,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
+                 inner: type = torch.optim.AdamW, inner_kwargs: dict[str, Any] | None = None,
+                 seed: int = 0, nonfinite: str = "skip"):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, factorize=True, rank=rank,
+                        alpha=alpha, reset_every=reset_every, prune_ratio=prune_ratio, prune=prune,
+                        warm_start_steps=warm_start_steps, restart_warmup_steps=restart_warmup_steps)
+        super().__init__(params, defaults, inner=inner, inner_kwargs=inner_kwargs, seed=seed, nonfinite=nonfinite)
+
+    def _check_group(self, group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
+        _check_number("rank", group["rank"], low=1, integer=True)
+        for p in factorized:
+            if group["rank"] > min(p.shape):
+                raise ValueError(f"rank={group['rank']} exceeds min(m, n)={min(p.shape)} of a routed weight of "
+                                 f"shape {tuple(p.shape)}; pass rank <= {min(p.shape)} or exclude that weight")
+        _check_number("alpha", group["alpha"], low=0.0, low_open=True)
+        _check_number("reset_every", group["reset_every"], low=1, integer=True)
+        _check_number("prune_ratio", group["prune_ratio"], low=0.0)
+        if group["prune_ratio"] >= 1.0:
+            raise ValueError(f"prune_ratio must be in [0, 1), got {group['prune_ratio']!r}")
+        if group["prune"] not in PRUNE_MODES:
+            raise ValueError(f"prune must be one of {PRUNE_MODES}, got {group['prune']!r}")
+        _check_number("warm_start_steps", group["warm_start_steps"], low=0, integer=True)
+        _check_number("restart_warmup_steps", group["restart_warmup_steps"], low=0, integer=True)
+
+    # ------------------------------------------------------------------ state
+    def _draw_a(self, p: torch.Tensor, state: dict[str, Any], rank: int) -> torch.Tensor:
+        """Kaiming uniform with a = sqrt(5) on an (r x n) matrix: U(-1/sqrt(n), 1/sqrt(n))."""
+        gen = self._generator(state)
+        n = p.shape[1]
+        a = (torch.rand(rank, n, generator=gen, dtype=torch.float64) * 2 - 1) / math.sqrt(n)
+        state["rng"] = gen.get_state()
+        return a.to(dtype=_factor_dtype(p), device=p.device)
+
+    def _init_factor_state(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
+        state = self.state[p]
+        state.update(step=0, cycle_step=0, resets=0, restarted=False)
+        state["rng"] = torch.Generator().manual_seed(self._param_seed(index)).get_state()
+        if group["warm_start_steps"] > 0:
+            state["inner_full"] = {}
+        else:
+            self._start_low_rank(p, state, group)
+
+    def _start_low_rank(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        state.pop("inner_full", None)
+        r = group["rank"]
+        state["A"] = self._draw_a(p, state, r)
+        state["B"] = torch.zeros(p.shape[0], r, dtype=_factor_dtype(p), device=p.device)
+        state["inner_A"], state["inner_B"] = {}, {}
+
+    def _check_loaded_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        for key in ("rng", "step", "cycle_step"):
+            if key not in state:
+                raise ValueError(f"ReLoRA state of a {tuple(p.shape)} weight lacks {key!r}: "
+                                 "the state_dict comes from another optimizer")
+        if "A" in state:
+            m, n = p.shape
+            r = group["rank"]
+            if tuple(state["A"].shape) != (r, n) or tuple(state["B"].shape) != (m, r):
+                raise ValueError(f"A/B of a {(m, n)} weight have shapes {tuple(state['A'].shape)}, "
+                                 f"{tuple(state['B'].shape)}; rank={r} needs {(r, n)}, {(m, r)}")
+
+    # ------------------------------------------------------------------ step
+    def _lr_scale(self, state: dict[str, Any], group: dict[str, Any]) -> float:
+        warm = group["restart_warmup_steps"]
+        if not state["restarted"] or warm == 0:
+            return 1.0
+        return min(1.0, state["cycle_step"] / warm)
+
+    def _factor_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        full = [p for p in params if "inner_full" in self.state[p]]
+        if full:
+            self._inner_step(group, full, [self.state[p]["inner_full"] for p in full], clear_grads=False)
+            for p in full:
+                st = self.state[p]
+                st["step"] += 1
+                if st["step"] >= group["warm_start_steps"]:
+                    self._start_low_rank(p, st, group)
+        low = [p for p in params if not any(p is q for q in full)]
+        if not low:
+            return
+        s = group["alpha"] / group["rank"]
+        by_scale: dict[float, tuple[list, list]] = {}
+        old = []
+        for p in low:
+            st = self.state[p]
+            g = p.grad.to(st["A"].dtype)
+            a, b = st["A"], st["B"]
+            old.append(b @ a)
+            b.grad = s * (g @ a.T)
+            a.grad = s * (b.T @ g)
+            factors, states = by_scale.setdefault(self._lr_scale(st, group), ([], []))
+            factors += [a, b]
+            states += [st["inner_A"], st["inner_B"]]
+        for scale, (factors, states) in by_scale.items():
+            self._inner_step(group, factors, states, lr_scale=scale)
+        for p, ba_old in zip(low, old):
+            st = self.state[p]
+            delta = (st["B"] @ st["A"] - ba_old).mul_(s)
+            p.add_(delta.to(p.dtype))
+            st["step"] += 1
+            st["cycle_step"] += 1
+            if st["cycle_step"] >= group["reset_every"]:
+                self._reset(p, st, group)
+
+    def _reset(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """Merge-and-reinit: W already holds W_start + s B A; A redrawn, B <- 0, inner state pruned."""
+        gen = self._generator(state)
+        for name in ("A", "B"):
+            prune_state_(state[f"inner_{name}"], state[name], group["prune_ratio"], group["prune"], gen)
+        state["rng"] = gen.get_state()
+        state["A"].copy_(self._draw_a(p, state, group["rank"]))
+        state["B"].zero_()
+        state["cycle_step"] = 0
+        state["resets"] += 1
+        state["restarted"] = True

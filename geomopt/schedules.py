@@ -1,0 +1,57 @@
+"""LambdaLR-compatible schedules (functions of the step that return an lr multiplier)."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+__all__ = ["jagged_cosine"]
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+
+
+def jagged_cosine(*, total_steps: int, warmup_steps: int = 0, restart_every: int | None = None,
+                  restart_warmup_steps: int = 0, restart_offset: int = 0,
+                  min_lr_ratio: float = 0.1) -> Callable[[int], float]:
+    r"""ReLoRA's schedule (arXiv 2307.05695, Sec. 3): linear warm-up, cosine decay to ``min_lr_ratio``,
+    and at every restart (steps ``restart_offset + k * restart_every``, k >= 1) a drop to 0 followed by a
+    linear warm-up over ``restart_warmup_steps`` back onto the cosine curve.
+
+    Use with ``torch.optim.lr_scheduler.LambdaLR(opt, jagged_cosine(...))`` and, for
+    ``geomopt.ReLoRAReset``, ``restart_every=reset_every``, ``restart_offset=warm_start_steps`` and
+    ``restart_warmup_steps=0`` in the optimizer (the schedule then does the post-reset warm-up).
+    The value at step t is the multiplier of the optimizer step that follows t scheduler steps.
+
+    Example:
+        >>> f = jagged_cosine(total_steps=1000, warmup_steps=100, restart_every=200, restart_warmup_steps=20)
+        >>> f(0), f(100), f(400), round(f(420), 4) == round(jagged_cosine(total_steps=1000, warmup_steps=100)(420), 4)
+        (0.0, 1.0, 0.0, True)
+    """
+    _check_int("total_steps", total_steps, 1)
+    _check_int("warmup_steps", warmup_steps, 0)
+    _check_int("restart_warmup_steps", restart_warmup_steps, 0)
+    _check_int("restart_offset", restart_offset, 0)
+    if restart_every is not None:
+        _check_int("restart_every", restart_every, 1)
+    if isinstance(min_lr_ratio, bool) or not isinstance(min_lr_ratio, (int, float)) or not 0 <= min_lr_ratio <= 1:
+        raise ValueError(f"min_lr_ratio must be a number in [0, 1], got {min_lr_ratio!r}")
+
+    def cosine(step: int) -> float:
+        if step < warmup_steps:
+            return step / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def f(step: int) -> float:
+        value = cosine(step)
+        if restart_every is not None and restart_warmup_steps > 0 and step > restart_offset:
+            since = (step - restart_offset) % restart_every
+            if step - restart_offset >= restart_every and since < restart_warmup_steps:
+                value *= since / restart_warmup_steps
+        return value
+
+    return f
