@@ -23,7 +23,7 @@ import torch
 
 from . import data as corpus
 from .init import normalized_gaussian_
-from .optim import POET
+from .optim import POET, ReLoRAReset
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden=32, layers=2, heads=2, intermediate=64, seq_len=32, batch=4, steps=12, eval_windows=4),
@@ -34,10 +34,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 # name -> (constructor, default lr); the constructor takes (model, lr, args)
 OPTIMIZERS = {
     "adamw": (lambda m, lr, a: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01), 3e-3),
-    "poet": (lambda m, lr, a: POET(m, lr=lr, block_size=a.block_size, merge_every=a.merge_every), 1e-2),
+    "poet": (lambda m, lr, a: POET(m, lr=lr, block_size=a.block_size, merge_every=a.merge_every,
+                                   neumann_terms=a.neumann_terms), 1e-2),
     "poet-lean": (lambda m, lr, a: POET(m, lr=lr, block_size=a.block_size, merge_every=a.merge_every,
                                         store_base=False), 1e-2),
     "poet-fs": (lambda m, lr, a: POET(m, lr=lr, block_size=0.5, mode="fs", merge_every=a.merge_every), 1e-2),
+    "relora": (lambda m, lr, a: ReLoRAReset(m, lr=lr, rank=a.rank, alpha=a.rank, reset_every=a.reset_every,
+                                            restart_warmup_steps=a.restart_warmup,
+                                            warm_start_steps=a.warm_start), 1e-2),
 }
 
 
@@ -194,12 +198,13 @@ def table(rows: list[dict[str, Any]]) -> str:
     def ratio(r, key):
         return f" ({r[key] / base[key]:.2f}x)" if base and base[key] else ""
 
-    head = ("| optimizer | lr | val loss | val ppl | tokens/s | step ms | optimizer state | peak RSS | merges (early) |\n"
+    head = ("| optimizer | lr | val loss | val ppl | tokens/s | step ms | optimizer state | peak RSS | merges (early) / resets |\n"
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     lines = [head]
     for r in rows:
         st = r.get("stats") or {}
-        merges = f"{st['merges']} ({st['early_merges']})" if "merges" in st else "-"
+        merges = (f"{st['merges']} ({st['early_merges']})" if "merges" in st else
+                  f"{st['resets']} resets" if "resets" in st else "-")
         lines.append(
             f"| {r['optimizer']} | {r['lr']:g} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | "
             f"{r['tokens_per_s']:.0f}{ratio(r, 'tokens_per_s')} | {r['step_ms']:.1f}{ratio(r, 'step_ms')} | "
@@ -219,6 +224,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument(f"--lr-{name}", type=float, default=None, help=f"learning rate of {name}")
     p.add_argument("--block-size", type=int, default=32, help="POET block size (default 32 = hidden / 4)")
     p.add_argument("--merge-every", type=int, default=50, help="POET merge interval in steps")
+    p.add_argument("--neumann-terms", type=int, default=5, help="POET's Cayley-Neumann terms k")
+    p.add_argument("--rank", type=int, default=32, help="ReLoRA rank (alpha = rank, so s = 1)")
+    p.add_argument("--reset-every", type=int, default=100, help="ReLoRA steps per cycle")
+    p.add_argument("--restart-warmup", type=int, default=10, help="ReLoRA post-reset lr warm-up steps (0: none)")
+    p.add_argument("--warm-start", type=int, default=0, help="ReLoRA full-rank warm-start steps")
     p.add_argument("--poet-init", choices=("normalized", "default"), default="normalized",
                    help="initialize POET's weights with the paper's normalized Gaussian, or the model's own")
     p.add_argument("--text-file", default=None, help="train on this file's bytes instead of the embedded corpus")
