@@ -23,6 +23,7 @@ import torch
 
 from . import data as corpus
 from .init import normalized_gaussian_
+from .optim.routing import build_param_groups
 from .optim import POET, ReLoRAReset
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -33,7 +34,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # name -> (constructor, default lr); the constructor takes (model, lr, args)
 OPTIMIZERS = {
-    "adamw": (lambda m, lr, a: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01), 3e-3),
+    "adamw": (lambda m, lr, a: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01), 1e-3),
     "poet": (lambda m, lr, a: POET(m, lr=lr, block_size=a.block_size, merge_every=a.merge_every,
                                    neumann_terms=a.neumann_terms), 1e-2),
     "poet-lean": (lambda m, lr, a: POET(m, lr=lr, block_size=a.block_size, merge_every=a.merge_every,
@@ -41,7 +42,7 @@ OPTIMIZERS = {
     "poet-fs": (lambda m, lr, a: POET(m, lr=lr, block_size=0.5, mode="fs", merge_every=a.merge_every), 1e-2),
     "relora": (lambda m, lr, a: ReLoRAReset(m, lr=lr, rank=a.rank, alpha=a.rank, reset_every=a.reset_every,
                                             restart_warmup_steps=a.restart_warmup,
-                                            warm_start_steps=a.warm_start), 1e-2),
+                                            warm_start_steps=a.warm_start), 3e-3),
 }
 
 
@@ -108,6 +109,8 @@ def train_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(args).to(args.device)
     if name.startswith("poet") and args.poet_init == "normalized":
         normalized_gaussian_(model, generator=torch.Generator().manual_seed(args.seed))
+    linears = [p for g in build_param_groups(model) if g["factorize"] for p in g["params"]]
+    sv0 = [torch.linalg.svdvals(w.detach().double()) for w in linears]
     make, default_lr = OPTIMIZERS[name]
     lr = getattr(args, f"lr_{name.replace('-', '_')}", None) or default_lr
     opt = make(model, lr, args)
@@ -133,9 +136,11 @@ def train_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
             curve.append((step * args.batch * args.seq_len, evaluate(model, windows.to(args.device))))
         bar(step, loss.item())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    drift = max(float(((torch.linalg.svdvals(w.detach().double()) - s0).abs() / s0.clamp_min(1e-12)).max())
+                for w, s0 in zip(linears, sv0))
     row = dict(optimizer=name, lr=lr, val_loss=curve[-1][1], val_ppl=math.exp(curve[-1][1]),
                tokens_per_s=args.steps * args.batch * args.seq_len / train_time,
-               step_ms=1000 * step_time / args.steps, state_bytes=peak_state, peak_rss_bytes=peak,
+               step_ms=1000 * step_time / args.steps, state_bytes=peak_state, peak_rss_bytes=peak, spectrum_drift=drift,
                curve=curve, stats=getattr(opt, "stats", {}))
     if args.device.startswith("cuda"):
         row["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
@@ -198,8 +203,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     def ratio(r, key):
         return f" ({r[key] / base[key]:.2f}x)" if base and base[key] else ""
 
-    head = ("| optimizer | lr | val loss | val ppl | tokens/s | step ms | optimizer state | peak RSS | merges (early) / resets |\n"
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    head = ("| optimizer | lr | val loss | val ppl | tokens/s | step ms | optimizer state | peak RSS | merges (early) / resets | spectrum drift |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     lines = [head]
     for r in rows:
         st = r.get("stats") or {}
@@ -209,7 +214,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['optimizer']} | {r['lr']:g} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | "
             f"{r['tokens_per_s']:.0f}{ratio(r, 'tokens_per_s')} | {r['step_ms']:.1f}{ratio(r, 'step_ms')} | "
             f"{r['state_bytes'] / 2**20:.2f} MiB{ratio(r, 'state_bytes')} | "
-            f"{r['peak_rss_bytes'] / 2**20:.0f} MiB{ratio(r, 'peak_rss_bytes')} | {merges} |")
+            f"{r['peak_rss_bytes'] / 2**20:.0f} MiB{ratio(r, 'peak_rss_bytes')} | {merges} | {r['spectrum_drift']:.1e} |")
     return "\n".join(lines)
 
 
