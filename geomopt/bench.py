@@ -24,7 +24,7 @@ import torch
 from . import data as corpus
 from .init import normalized_gaussian_
 from .optim.routing import build_param_groups
-from .optim import POET, ReLoRAReset
+from .optim import POET, DLRAMomentum, ReLoRAReset
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden=32, layers=2, heads=2, intermediate=64, seq_len=32, batch=4, steps=12, eval_windows=4),
@@ -36,13 +36,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 OPTIMIZERS = {
     "adamw": (lambda m, lr, a: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01), 1e-3),
     "poet": (lambda m, lr, a: POET(m, lr=lr, block_size=a.block_size, merge_every=a.merge_every,
-                                   neumann_terms=a.neumann_terms), 1e-2),
+                                   neumann_terms=a.neumann_terms), 3e-3),
     "poet-lean": (lambda m, lr, a: POET(m, lr=lr, block_size=a.block_size, merge_every=a.merge_every,
-                                        store_base=False), 1e-2),
-    "poet-fs": (lambda m, lr, a: POET(m, lr=lr, block_size=0.5, mode="fs", merge_every=a.merge_every), 1e-2),
+                                        store_base=False), 3e-3),
+    "poet-fs": (lambda m, lr, a: POET(m, lr=lr, block_size=0.5, mode="fs", merge_every=a.merge_every), 3e-3),
     "relora": (lambda m, lr, a: ReLoRAReset(m, lr=lr, rank=a.rank, alpha=a.rank, reset_every=a.reset_every,
                                             restart_warmup_steps=a.restart_warmup,
                                             warm_start_steps=a.warm_start), 3e-3),
+    "dlra": (lambda m, lr, a: DLRAMomentum(m, lr=lr, rank=a.rank, method="adam"), 3e-3),
+    "dlra-hb": (lambda m, lr, a: DLRAMomentum(m, lr=lr, rank=a.rank, method="heavy_ball"), 1e-1),
 }
 
 
@@ -117,6 +119,7 @@ def train_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.steps, max(1, args.steps // 10)))
     gen = torch.Generator().manual_seed(args.seed + 1)  # the same batches for every optimizer
     curve, step_time, train_time, peak_state = [], 0.0, 0.0, 0
+    curve.append((0, evaluate(model, windows.to(args.device))))
     bar = _progress(args.steps, name, args.quiet)
     for step in range(1, args.steps + 1):
         batch = corpus.sample_batch(train_tokens, args.batch, args.seq_len, gen).to(args.device)
@@ -230,7 +233,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=32, help="POET block size (default 32 = hidden / 4)")
     p.add_argument("--merge-every", type=int, default=50, help="POET merge interval in steps")
     p.add_argument("--neumann-terms", type=int, default=5, help="POET's Cayley-Neumann terms k")
-    p.add_argument("--rank", type=int, default=32, help="ReLoRA rank (alpha = rank, so s = 1)")
+    p.add_argument("--rank", type=int, default=32, help="ReLoRA and DLRA rank (ReLoRA alpha = rank, so s = 1)")
     p.add_argument("--reset-every", type=int, default=100, help="ReLoRA steps per cycle")
     p.add_argument("--restart-warmup", type=int, default=10, help="ReLoRA post-reset lr warm-up steps (0: none)")
     p.add_argument("--warm-start", type=int, default=0, help="ReLoRA full-rank warm-start steps")

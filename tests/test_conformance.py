@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from optim_table import CYCLE_STAT, FACTOR_KEY, IDS, LONG_CYCLE, OPTIMIZERS
+from optim_table import CYCLE_STAT, FACTOR_KEY, IDS, LONG_CYCLE, OPTIMIZERS, TARGET_RANK
 
 
 def make_model(seed=0, dtype=torch.float32):
@@ -76,9 +76,9 @@ def test_routing_embeddings_and_head_on_adamw(name):
     key = FACTOR_KEY[OPTIMIZERS[name][0]]
     emb, l1, l2, head = model.seq[0].weight, model.seq[1].weight, model.seq[3].weight, model.seq[5].weight
     for p in (l1, l2):
-        assert key in opt.state[p] and "exp_avg" not in opt.state[p]
+        assert key in opt.state[p]
     for p in (emb, head, model.seq[1].bias, model.seq[4].weight):
-        assert "exp_avg" in opt.state[p] and key not in opt.state[p]
+        assert set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq"}  # AdamW's state, nothing else
 
 
 @pytest.mark.parametrize("name", IDS)
@@ -94,7 +94,8 @@ def test_state_dict_lockstep_roundtrip(name):
     train(clone, opt2, data[20:])
     for a, b in zip(weights(model), weights(clone)):
         assert torch.equal(a, b)
-    assert opt.stats == opt2.stats and opt.stats[CYCLE_STAT[OPTIMIZERS[name][0]]] > 0
+    stat = CYCLE_STAT[OPTIMIZERS[name][0]]
+    assert opt.stats == opt2.stats and (stat is None or opt.stats[stat] > 0)
 
 
 @pytest.mark.parametrize("name", IDS)
@@ -196,8 +197,7 @@ def test_bf16_factors_stay_fp32_after_load(name):
 
     for p, q in zip(model.parameters(), clone.parameters()):
         assert dtypes(opt.state[p]) == dtypes(opt2.state[q])
-    flat = str(dtypes(opt2.state[clone.seq[1].weight]))
-    assert "torch.float32" in flat and "torch.uint8" in flat  # fp32 factors, the generator state
+    assert "torch.float32" in str(dtypes(opt2.state[clone.seq[1].weight]))  # fp32 factors of a bf16 weight
 
 
 @pytest.mark.parametrize("name", IDS)
@@ -233,6 +233,9 @@ def test_converges_on_a_reachable_quadratic(name):
         q1, _ = torch.linalg.qr(torch.randn(8, 8))
         q2, _ = torch.linalg.qr(torch.randn(8, 8))
         target = q1 @ lin.weight @ q2  # same singular values: reachable by POET's W = R W0 P too
+        rank = TARGET_RANK[OPTIMIZERS[name][0]]
+        if rank is not None:
+            target = q1[:, :rank] @ torch.diag(torch.tensor([1.0, 0.5, 0.3, 0.2][:rank])) @ q2[:rank]
     opt = build(name, [("w", lin.weight)], lr=3e-2, **LONG_CYCLE[OPTIMIZERS[name][0]])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / 600)
     first = None

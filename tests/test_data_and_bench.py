@@ -41,12 +41,13 @@ def test_text_file_and_bad_input(tmp_path):
 
 
 def test_bench_tiny_writes_results(tmp_path):
-    rows = bench.run_bench(["--preset", "tiny", "--optimizers", "adamw,poet-lean", "--in-process", "--quiet",
-                       "--out", str(tmp_path), "--block-size", "8"])
+    names = ["adamw", "poet-lean", "relora", "dlra"]
+    rows = bench.run_bench(["--preset", "tiny", "--optimizers", ",".join(names), "--in-process", "--quiet",
+                            "--out", str(tmp_path), "--block-size", "8", "--rank", "4", "--steps", "20"])
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert [r["optimizer"] for r in saved["rows"]] == ["adamw", "poet-lean"]
+    assert [r["optimizer"] for r in saved["rows"]] == names
     for r in rows:
-        assert math.isfinite(r["val_loss"]) and r["val_loss"] < math.log(256) + 0.5
+        assert math.isfinite(r["val_loss"]) and r["val_loss"] < r["curve"][0][1] - 0.2, r  # validation loss fell
         assert r["tokens_per_s"] > 0 and r["state_bytes"] > 0
     assert "| adamw |" in (tmp_path / "table.md").read_text()
 

@@ -1,0 +1,97 @@
+"""The fixed-rank manifold {W = U S V^T : U^T U = I, V^T V = I}, torch reference (DLRA momentum).
+
+A tangent vector at W = U S V^T is stored in factored coordinates (xs, xu, xv):
+    xi = U xs V^T + xu V^T + U xv^T,   U^T xu = 0,   V^T xv = 0
+(xs: r x r, xu: m x r, xv: n x r), so nothing m x n is formed except the dense gradient itself.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["tangent_project", "tangent_to_dense", "transport", "retract", "truncation_rank", "check_point",
+           "stabilize"]
+
+Tangent = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def tangent_project(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> Tangent:
+    """P_W(G) = U U^T G + G V V^T - U U^T G V V^T in coordinates: (U^T G V, (I - UU^T) G V, (I - VV^T) G^T U)."""
+    gv = g @ v
+    xs = u.T @ gv
+    xu = gv - u @ xs
+    xv = g.T @ u - v @ xs.T
+    return xs, xu, xv
+
+
+def tangent_to_dense(u: torch.Tensor, v: torch.Tensor, xi: Tangent) -> torch.Tensor:
+    """The m x n matrix of a tangent vector (for tests and references)."""
+    xs, xu, xv = xi
+    return u @ xs @ v.T + xu @ v.T + u @ xv.T
+
+
+def transport(u: torch.Tensor, v: torch.Tensor, u_new: torch.Tensor, v_new: torch.Tensor, xi: Tangent) -> Tangent:
+    """Projection transport: P_{W_new}(xi) for a tangent vector xi at W, in the new coordinates.
+
+    O((m + n) r^2); the ranks of W and W_new may differ.
+    """
+    xs, xu, xv = xi
+    a = u_new.T @ u  # r' x r
+    b = v.T @ v_new  # r x r'
+    xi_v = u @ (xs @ b) + xu @ b + u @ (xv.T @ v_new)  # xi V'      (m x r')
+    xi_u = v @ (xs.T @ a.T) + v @ (xu.T @ u_new) + xv @ a.T  # xi^T U'  (n x r')
+    s_new = u_new.T @ xi_v
+    return s_new, xi_v - u_new @ s_new, xi_u - v_new @ s_new.T
+
+
+def truncation_rank(sigma: torch.Tensor, rank: int, rank_tol: float | None, min_rank: int, max_rank: int) -> int:
+    """Fixed ``rank`` when ``rank_tol`` is None; else the smallest r' whose discarded tail has
+    ||sigma[r':]|| <= rank_tol * ||sigma||, clamped to [min_rank, max_rank]."""
+    if rank_tol is None:
+        return min(rank, sigma.numel())
+    tail = sigma.flip(0).square().cumsum(0).flip(0).sqrt()  # tail[i] = ||sigma[i:]||
+    ok = (tail <= rank_tol * sigma.norm()).nonzero()
+    r = int(ok[0]) if ok.numel() else sigma.numel()
+    return max(min_rank, min(r, max_rank, sigma.numel()))
+
+
+def retract(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, xi: Tangent, step: float, *, rank: int,
+            rank_tol: float | None = None, min_rank: int = 1, max_rank: int | None = None) -> Tangent:
+    """Metric-projection retraction of W - step * xi onto the low-rank manifold.
+
+    W - step xi = [U, xu] C [V, xv]^T with C = [[S - step xs, -step I], [-step I, 0]]; QR of the
+    augmented bases, SVD of the 2r x 2r core, truncation. Returns (U', S', V') with S' diagonal: the
+    best rank-r' approximation of W - step xi (exact, since that matrix has rank <= 2r).
+    """
+    xs, xu, xv = xi
+    r = s.shape[0]
+    qu, ru = torch.linalg.qr(torch.cat([u, xu], dim=1))
+    qv, rv = torch.linalg.qr(torch.cat([v, xv], dim=1))
+    eye = torch.eye(r, dtype=s.dtype, device=s.device)
+    core = torch.cat([torch.cat([s - step * xs, -step * eye], 1), torch.cat([-step * eye, torch.zeros_like(eye)], 1)], 0)
+    p, sigma, qt = torch.linalg.svd(ru @ core @ rv.T)
+    k = truncation_rank(sigma, rank, rank_tol, min_rank, max_rank if max_rank is not None else 2 * r)
+    return qu @ p[:, :k], torch.diag(sigma[:k]), qv @ qt[:k].T
+
+
+def check_point(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, tol: float = 1e-5, explain: bool = False):
+    """Whether (U, S, V) is a point of the manifold: orthonormal U, V (to ``tol``), matching shapes.
+
+    With ``explain``, returns (ok, reason) like geoopt's ``check_point``.
+    """
+    reason = None
+    r = s.shape[0]
+    if u.shape[1] != r or v.shape[1] != r or s.shape != (r, r):
+        reason = f"shapes U {tuple(u.shape)}, S {tuple(s.shape)}, V {tuple(v.shape)} do not match"
+    else:
+        eye = torch.eye(r, dtype=u.dtype, device=u.device)
+        eu, ev = float((u.T @ u - eye).abs().max()), float((v.T @ v - eye).abs().max())
+        if max(eu, ev) > tol:
+            reason = f"U^T U - I = {eu:.1e}, V^T V - I = {ev:.1e} exceed {tol:.0e}"
+    return (reason is None, reason) if explain else reason is None
+
+
+def stabilize(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> Tangent:
+    """Re-orthonormalize U and V against numerical drift (QR), absorbing R factors into S: same W."""
+    qu, ru = torch.linalg.qr(u)
+    qv, rv = torch.linalg.qr(v)
+    return qu, ru @ s @ rv.T, qv
