@@ -1,11 +1,12 @@
 """geomopt: geometry-aware optimizers for training large language models.
 
-Swap ``torch.optim.AdamW`` for ``geomopt.POET`` (or ``geomopt.ReLoRAReset``, ``geomopt.DLRAMomentum``) and keep the training loop.
+Swap ``torch.optim.AdamW`` for ``geomopt.POET`` (or ``geomopt.ReLoRAReset``,
+``geomopt.DLRAMomentum``) and keep the training loop.
 """
 from . import geometry, init, optim, relora, schedules
 from .optim import POET, DLRAMomentum, FactorOptimizer, POETOptimizer, ReLoRAReset
 
 __version__ = "0.1.0"
 
-__all__ = ["POET", "DLRAMomentum", "POETOptimizer", "ReLoRAReset", "FactorOptimizer", "geometry", "init", "optim", "relora",
-           "schedules", "__version__"]
+__all__ = ["POET", "DLRAMomentum", "POETOptimizer", "ReLoRAReset", "FactorOptimizer", "geometry", "init", "optim",
+           "relora", "schedules", "__version__"]

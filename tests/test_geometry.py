@@ -96,8 +96,11 @@ def test_block_rotation_equals_dense_product(m, n, b, fs, seed):
     x = torch.randn(m, n, generator=g, dtype=f64)
     rows = block_layout(torch.randperm(m, generator=g), b, fs)
     cols = block_layout(torch.randperm(n, generator=g), b, fs)
-    ds = [cayley_exact(torch.randn(i.shape[0], skew_size(i.shape[1]), generator=g, dtype=f64), i.shape[1]) for i in rows]
-    es = [cayley_exact(torch.randn(i.shape[0], skew_size(i.shape[1]), generator=g, dtype=f64), i.shape[1]) for i in cols]
+    def rand_rotations(idxs):
+        return [cayley_exact(torch.randn(i.shape[0], skew_size(i.shape[1]), generator=g, dtype=f64), i.shape[1])
+                for i in idxs]
+
+    ds, es = rand_rotations(rows), rand_rotations(cols)
     y = x
     for idx, d in zip(rows, ds):
         y = rotate_rows(y, idx, d)

@@ -67,7 +67,8 @@ def retract(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, xi: Tangent, step
     qu, ru = torch.linalg.qr(torch.cat([u, xu], dim=1))
     qv, rv = torch.linalg.qr(torch.cat([v, xv], dim=1))
     eye = torch.eye(r, dtype=s.dtype, device=s.device)
-    core = torch.cat([torch.cat([s - step * xs, -step * eye], 1), torch.cat([-step * eye, torch.zeros_like(eye)], 1)], 0)
+    core = torch.cat([torch.cat([s - step * xs, -step * eye], 1),
+                      torch.cat([-step * eye, torch.zeros_like(eye)], 1)], 0)
     p, sigma, qt = torch.linalg.svd(ru @ core @ rv.T)
     k = truncation_rank(sigma, rank, rank_tol, min_rank, max_rank if max_rank is not None else 2 * r)
     return qu @ p[:, :k], torch.diag(sigma[:k]), qv @ qt[:k].T

@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from .routing import build_param_groups, is_factorized
 
-__all__ = ["FactorOptimizer", "COMMON_ARGS_DOC", "NONFINITE_POLICIES"]
+__all__ = ["FactorOptimizer", "COMMON_ARGS_DOC", "NONFINITE_POLICIES", "factor_dtype", "check_rank"]
 
 NONFINITE_POLICIES = ("skip", "raise")
 
@@ -49,6 +49,20 @@ def _check_number(name: str, value: Any, *, low: float | None = None, low_open: 
         raise ValueError(f"{name} must be finite, got {value!r}")
     if low is not None and (value <= low if low_open else value < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+
+
+def factor_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype of the factors of weight ``p``: fp32 for bf16/fp16 weights, else the weight's own."""
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+
+def check_rank(group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
+    """``group["rank"]`` is an int >= 1 and at most min(m, n) of every factorized weight."""
+    _check_number("rank", group["rank"], low=1, integer=True)
+    for p in factorized:
+        if group["rank"] > min(p.shape):
+            raise ValueError(f"rank={group['rank']} exceeds min(m, n)={min(p.shape)} of a routed weight of "
+                             f"shape {tuple(p.shape)}; pass rank <= {min(p.shape)} or exclude that weight")
 
 
 def _copy_state(value: Any, device: torch.device, key: Any = None) -> Any:

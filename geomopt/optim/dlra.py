@@ -6,15 +6,11 @@ from typing import Any
 import torch
 
 from ..geometry.lowrank import retract, stabilize, tangent_project, transport
-from .base import COMMON_ARGS_DOC, FactorOptimizer, _check_number
+from .base import COMMON_ARGS_DOC, FactorOptimizer, _check_number, check_rank, factor_dtype
 
 __all__ = ["DLRAMomentum", "METHODS"]
 
 METHODS = ("heavy_ball", "adam")
-
-
-def _factor_dtype(p: torch.Tensor) -> torch.dtype:
-    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
 class DLRAMomentum(FactorOptimizer):
@@ -77,11 +73,7 @@ class DLRAMomentum(FactorOptimizer):
         super().__init__(params, defaults, seed=seed, nonfinite=nonfinite)
 
     def _check_group(self, group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
-        _check_number("rank", group["rank"], low=1, integer=True)
-        for p in factorized:
-            if group["rank"] > min(p.shape):
-                raise ValueError(f"rank={group['rank']} exceeds min(m, n)={min(p.shape)} of a routed weight of "
-                                 f"shape {tuple(p.shape)}; pass rank <= {min(p.shape)} or exclude that weight")
+        check_rank(group, factorized)
         if group["method"] not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {group['method']!r}")
         for key in ("momentum", "beta2"):
@@ -101,7 +93,7 @@ class DLRAMomentum(FactorOptimizer):
     def _init_factor_state(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
         st = self.state[p]
         r = group["rank"]
-        u, sigma, vh = torch.linalg.svd(p.detach().to(_factor_dtype(p)), full_matrices=False)
+        u, sigma, vh = torch.linalg.svd(p.detach().to(factor_dtype(p)), full_matrices=False)
         st.update(step=0, U=u[:, :r].contiguous(), S=torch.diag(sigma[:r]), V=vh[:r].T.contiguous())
         zeros = [torch.zeros(r, r, dtype=u.dtype, device=u.device), torch.zeros_like(st["U"]),
                  torch.zeros_like(st["V"])]

@@ -7,16 +7,12 @@ import torch
 
 from ..geometry import block_layout, block_sizes, skew_norm_bound, skew_size
 from ..geometry.dispatch import call
-from .base import COMMON_ARGS_DOC, FactorOptimizer, _check_number
+from .base import COMMON_ARGS_DOC, FactorOptimizer, _check_number, factor_dtype
 
 __all__ = ["POETOptimizer", "POET"]
 
 MODES = ("bs", "fs")
 _SIDES = ("row", "col")
-
-
-def _factor_dtype(p: torch.Tensor) -> torch.dtype:
-    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
 DEFAULT_BLOCK = 256
@@ -165,7 +161,7 @@ class POETOptimizer(FactorOptimizer):
         state.update(step=0, since_merge=0, merges=0, early_merges=0)
         state["rng"] = torch.Generator().manual_seed(self._param_seed(index)).get_state()
         self._draw_perms(p, state)
-        fdtype = _factor_dtype(p)
+        fdtype = factor_dtype(p)
         for side, dim in zip(_SIDES, p.shape):
             sizes = block_sizes(dim, _side_block(dim, group), group["mode"] == "fs")
             state[f"q_{side}"] = [torch.zeros(nb, skew_size(b), dtype=fdtype, device=p.device) for nb, b in sizes]
@@ -202,7 +198,7 @@ class POETOptimizer(FactorOptimizer):
             st = self.state[p]
             m, n = p.shape
             rows, cols = _layout(st, "row", m, group), _layout(st, "col", n, group)
-            fdtype = _factor_dtype(p)
+            fdtype = factor_dtype(p)
             g = p.grad.to(fdtype)
             qs = st["q_row"] + st["q_col"]
             with torch.enable_grad():
@@ -247,7 +243,7 @@ class POETOptimizer(FactorOptimizer):
             else:  # D_new D_old^-1 = I + (D_new - D_old) D_old^-1: exactly I when Q did not move
                 dr = [_eye_like(d) + (a - d) @ di for a, (d, di) in zip(dn, ds)]
                 dp = [_eye_like(e) + ei @ (a - e) for a, (e, ei) in zip(en, es)]
-                w_new = _apply(p.detach().to(_factor_dtype(p)), rows, dr, cols, dp)
+                w_new = _apply(p.detach().to(factor_dtype(p)), rows, dr, cols, dp)
             p.copy_(w_new)
             st["step"] += 1
             st["since_merge"] += 1

@@ -6,15 +6,11 @@ from typing import Any
 
 import torch
 
-from .base import COMMON_ARGS_DOC, FactorOptimizer, _check_number
+from .base import COMMON_ARGS_DOC, FactorOptimizer, _check_number, check_rank, factor_dtype
 
 __all__ = ["ReLoRAReset", "PRUNE_MODES", "prune_state_"]
 
 PRUNE_MODES = ("magnitude", "random", "reset")
-
-
-def _factor_dtype(p: torch.Tensor) -> torch.dtype:
-    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
 def keep_count(numel: int, prune_ratio: float) -> int:
@@ -109,11 +105,7 @@ class ReLoRAReset(FactorOptimizer):
         super().__init__(params, defaults, inner=inner, inner_kwargs=inner_kwargs, seed=seed, nonfinite=nonfinite)
 
     def _check_group(self, group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
-        _check_number("rank", group["rank"], low=1, integer=True)
-        for p in factorized:
-            if group["rank"] > min(p.shape):
-                raise ValueError(f"rank={group['rank']} exceeds min(m, n)={min(p.shape)} of a routed weight of "
-                                 f"shape {tuple(p.shape)}; pass rank <= {min(p.shape)} or exclude that weight")
+        check_rank(group, factorized)
         _check_number("alpha", group["alpha"], low=0.0, low_open=True)
         _check_number("reset_every", group["reset_every"], low=1, integer=True)
         _check_number("prune_ratio", group["prune_ratio"], low=0.0)
@@ -131,7 +123,7 @@ class ReLoRAReset(FactorOptimizer):
         n = p.shape[1]
         a = (torch.rand(rank, n, generator=gen, dtype=torch.float64) * 2 - 1) / math.sqrt(n)
         state["rng"] = gen.get_state()
-        return a.to(dtype=_factor_dtype(p), device=p.device)
+        return a.to(dtype=factor_dtype(p), device=p.device)
 
     def _init_factor_state(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
         state = self.state[p]
@@ -146,7 +138,7 @@ class ReLoRAReset(FactorOptimizer):
         state.pop("inner_full", None)
         r = group["rank"]
         state["A"] = self._draw_a(p, state, r)
-        state["B"] = torch.zeros(p.shape[0], r, dtype=_factor_dtype(p), device=p.device)
+        state["B"] = torch.zeros(p.shape[0], r, dtype=factor_dtype(p), device=p.device)
         state["inner_A"], state["inner_B"] = {}, {}
 
     def _check_loaded_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
