@@ -43,6 +43,8 @@ def test_bad_params():
         geomopt.POET(["a"])
     with pytest.raises(ValueError, match="empty parameter list"):
         geomopt.POET([])
+    with pytest.raises(TypeError, match=r"a torch.int64 tensor of shape \(5, 5\) cannot be optimized"):
+        geomopt.POET([{"params": [torch.zeros(5, 5, dtype=torch.long)]}])
     opt = geomopt.POET(model())
     with pytest.raises(ValueError, match="block_size must be >= 2, got 1"):
         opt.add_param_group({"params": [nn.Linear(4, 4).weight], "block_size": 1})
@@ -91,3 +93,14 @@ def test_state_dict_of_another_optimizer_is_rejected():
     poet = geomopt.POET([{"params": list(m.parameters())}])
     with pytest.raises(ValueError, match="lacks 'perm_row'"):
         poet.load_state_dict(adamw.state_dict())
+
+
+@pytest.mark.parametrize("cls,kwargs", [(geomopt.POET, dict(block_size=4)), (geomopt.ReLoRAReset, dict(rank=1)),
+                                        (geomopt.DLRAMomentum, dict(rank=1))], ids=["poet", "relora", "dlra"])
+def test_empty_and_tiny_weights_are_handled(cls, kwargs):
+    empty, tiny, other = nn.Parameter(torch.randn(0, 5)), nn.Parameter(torch.randn(1, 1)), nn.Parameter(torch.randn(6, 4))
+    opt = cls([("a", empty), ("b", tiny), ("c", other)], **kwargs)
+    for p in (empty, tiny, other):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert "exp_avg" in opt.state[empty] and torch.isfinite(tiny).all() and torch.isfinite(other).all()

@@ -125,6 +125,9 @@ class FactorOptimizer(Optimizer):
         for p in params:
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"params: expected Tensors, got an item of type {type(p).__name__}")
+            if not (p.is_floating_point() or p.is_complex()):
+                raise TypeError(f"params: a {p.dtype} tensor of shape {tuple(p.shape)} cannot be optimized "
+                                "(floating-point parameters only)")
         for key in ("lr", "eps", "weight_decay"):
             _check_number(key, merged[key], low=0.0)
         self._check_group(merged, [p for p in params if is_factorized(p, merged)])

@@ -27,8 +27,8 @@ _UNNAMED_WARNING = (
 
 
 def is_factorized(p: torch.Tensor, group: dict[str, Any]) -> bool:
-    """A parameter is factorized when its group allows it and it is a 2-D floating-point tensor."""
-    return bool(group.get("factorize", True)) and p.dim() == 2 and p.is_floating_point()
+    """A parameter is factorized when its group allows it and it is a non-empty 2-D floating-point tensor."""
+    return bool(group.get("factorize", True)) and p.dim() == 2 and p.numel() > 0 and p.is_floating_point()
 
 
 def _head_weights(model: nn.Module) -> set[int]:
