@@ -23,8 +23,8 @@ import torch
 
 from . import data as corpus
 from .init import normalized_gaussian_
-from .optim.routing import build_param_groups
 from .optim import POET, DLRAMomentum, ReLoRAReset
+from .optim.routing import build_param_groups
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden=32, layers=2, heads=2, intermediate=64, seq_len=32, batch=4, steps=12, eval_windows=4),

@@ -4,9 +4,8 @@ import io
 
 import pytest
 import torch
-from torch import nn
-
 from optim_table import CYCLE_STAT, FACTOR_KEY, IDS, LONG_CYCLE, OPTIMIZERS, TARGET_RANK
+from torch import nn
 
 
 def make_model(seed=0, dtype=torch.float32):

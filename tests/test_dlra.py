@@ -9,8 +9,7 @@ from torch import nn
 
 import geomopt
 from geomopt import sensing
-from geomopt.geometry.lowrank import (check_point, retract, stabilize, tangent_project, tangent_to_dense,
-                                      transport)
+from geomopt.geometry.lowrank import check_point, retract, stabilize, tangent_project, tangent_to_dense, transport
 
 f64 = torch.float64
 

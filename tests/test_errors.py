@@ -98,7 +98,7 @@ def test_state_dict_of_another_optimizer_is_rejected():
 @pytest.mark.parametrize("cls,kwargs", [(geomopt.POET, dict(block_size=4)), (geomopt.ReLoRAReset, dict(rank=1)),
                                         (geomopt.DLRAMomentum, dict(rank=1))], ids=["poet", "relora", "dlra"])
 def test_empty_and_tiny_weights_are_handled(cls, kwargs):
-    empty, tiny, other = nn.Parameter(torch.randn(0, 5)), nn.Parameter(torch.randn(1, 1)), nn.Parameter(torch.randn(6, 4))
+    empty, tiny, other = (nn.Parameter(torch.randn(*shape)) for shape in ((0, 5), (1, 1), (6, 4)))
     opt = cls([("a", empty), ("b", tiny), ("c", other)], **kwargs)
     for p in (empty, tiny, other):
         p.grad = torch.randn_like(p)

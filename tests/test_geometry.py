@@ -6,8 +6,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geomopt.geometry import (block_layout, block_sizes, cayley_exact, cayley_neumann, col_block_grad, pack_skew,
-                              rotate_cols, rotate_rows, row_block_grad, skew_norm_bound, skew_size, unpack_skew)
+from geomopt.geometry import (
+    block_layout,
+    block_sizes,
+    cayley_exact,
+    cayley_neumann,
+    col_block_grad,
+    pack_skew,
+    rotate_cols,
+    rotate_rows,
+    row_block_grad,
+    skew_norm_bound,
+    skew_size,
+    unpack_skew,
+)
 from geomopt.geometry.dispatch import REFERENCES, call, kernel_for, register_kernel
 
 f64 = torch.float64

@@ -1,30 +1,20 @@
 """POET as an optimizer equals a module-based POET (autograd through W = R(Q) W0 P(Q))."""
 import pytest
 import torch
+from chain_model import chain_forward as forward
+from chain_model import make_chain
+from conftest import rel_err
+from poet_reference import RefPOETLinear
 from torch import nn
 
 import geomopt
-from conftest import rel_err
-from poet_reference import RefPOETLinear
 
 # (out, in) of a chain of layers: for b = 8, ragged remainders of 5, 4 and 2 and a side below b (7)
 SHAPES = [(24, 13), (20, 24), (10, 20), (7, 10)]
 
 
 def make_model(seed=0):
-    torch.manual_seed(seed)
-    layers = nn.ModuleList([nn.Linear(n, m, bias=False) for m, n in SHAPES])
-    scale = nn.Parameter(torch.ones(SHAPES[0][1]))
-    return layers, scale
-
-
-def forward(weights, scale, x):
-    h = x * scale
-    for i, w in enumerate(weights):
-        h = h @ w.T
-        if i < len(weights) - 1:
-            h = torch.tanh(h)
-    return h
+    return make_chain(SHAPES, seed)
 
 
 def data(steps, seed=1):

@@ -3,26 +3,20 @@ import math
 
 import pytest
 import torch
+from chain_model import chain_forward as forward
+from chain_model import make_chain
+from conftest import rel_err
 from torch import nn
 
 import geomopt
 from geomopt.optim.relora import keep_count, prune_state_
 from geomopt.schedules import jagged_cosine
-from conftest import rel_err
 
 SHAPES = [(12, 9), (5, 12)]  # (out, in) of a chain
 
 
 def make(seed=0):
-    torch.manual_seed(seed)
-    layers = nn.ModuleList([nn.Linear(n, m, bias=False) for m, n in SHAPES])
-    scale = nn.Parameter(torch.ones(SHAPES[0][1]))
-    return layers, scale
-
-
-def forward(weights, scale, x):
-    h = torch.tanh((x * scale) @ weights[0].T)
-    return h @ weights[1].T
+    return make_chain(SHAPES, seed)
 
 
 def ref_prune(opt, factor, ratio):
