@@ -141,8 +141,11 @@ def test_add_param_group_closure_zero_grad(name):
         loss.backward()
         return loss
 
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
     loss = opt.step(closure)
-    assert isinstance(loss, torch.Tensor) and loss.ndim == 0
+    assert isinstance(loss, torch.Tensor) and loss.ndim == 0 and calls == ["pre", "post"]
     key = FACTOR_KEY[OPTIMIZERS[name][0]]
     assert key in opt.state[extra.weight] and not torch.equal(extra.weight, before)
     opt.zero_grad()
