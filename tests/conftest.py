@@ -1,7 +1,12 @@
 import os
 
-import pytest
-import torch
+# Triton kernels run through Triton's interpreter on a machine without a GPU; the variable must be set
+# before triton is imported anywhere in the process.
+if os.environ.get("CUDA_VISIBLE_DEVICES", None) != "" and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

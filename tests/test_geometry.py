@@ -153,14 +153,16 @@ def test_dispatch_uses_reference_on_cpu_and_kernel_only_on_cuda():
     x = torch.zeros(4, 4)
     for name, ref in REFERENCES.items():
         assert kernel_for(name, x) is ref
+    from geomopt.geometry import dispatch
     calls = []
+    saved = dict(dispatch._KERNELS)
     register_kernel("rotate_rows", lambda *a: calls.append(a))
     try:
         idx = torch.arange(4).view(2, 2)
         call("rotate_rows", x, idx, torch.eye(2).expand(2, 2, 2))
         assert calls == []  # a CPU tensor never reaches a registered kernel
     finally:
-        from geomopt.geometry import dispatch
-        dispatch._KERNELS.pop("rotate_rows")
+        dispatch._KERNELS.clear()
+        dispatch._KERNELS.update(saved)
     with pytest.raises(ValueError, match="name must be one of"):
         register_kernel("nope", lambda: None)

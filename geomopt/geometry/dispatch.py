@@ -1,7 +1,9 @@
 """The one dispatch point between Triton kernels and the torch references.
 
 ``call(name, *args)`` runs the kernel registered under ``name`` when its first tensor argument is a
-CUDA tensor and triton is importable; otherwise the torch reference in ``geomopt.geometry``. Kernels
+CUDA tensor of fp32/bf16/fp16 and triton is importable; otherwise the torch reference in
+``geomopt.geometry``. Kernels are opt-in for now (``GEOMOPT_KERNELS=1``): they have been checked
+against the references under Triton's interpreter, not yet measured on a GPU. Kernels
 register themselves from ``geomopt.kernels`` (loaded on the first CUDA call). The package imports and
 works with no triton installed.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from typing import Callable
 
 import torch
@@ -45,9 +48,19 @@ def _load_kernels() -> None:
     importlib.import_module("geomopt.kernels")
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def kernels_enabled() -> bool:
+    """True when the environment sets GEOMOPT_KERNELS=1. Off by default: the kernels have been checked
+    against the references under Triton's interpreter only, not yet on a GPU."""
+    return os.environ.get("GEOMOPT_KERNELS", "0") == "1"
+
+
 def kernel_for(name: str, x: torch.Tensor) -> Callable:
-    """The function that ``call`` would run for ``name`` on tensor ``x``."""
-    if x.is_cuda:
+    """The function that ``call`` would run for ``name`` on tensor ``x``: a registered kernel for CUDA
+    tensors of fp32/bf16/fp16 (float64 stays on the reference) when kernels are enabled."""
+    if x.is_cuda and x.dtype in KERNEL_DTYPES and kernels_enabled():
         if not _loaded:
             _load_kernels()
         fn = _KERNELS.get(name)
