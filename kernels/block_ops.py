@@ -16,47 +16,27 @@ __all__ = ["rotate_rows", "rotate_cols", "row_block_grad", "col_block_grad"]
 
 
 @triton.jit
-def _rotate_rows_kernel(x_ptr, y_ptr, idx_ptr, d_ptr, n, b, sx, sy,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    # y[idx[k, i], j] = sum_c d[k, i, c] * x[idx[k, c], j]
-    tiles_m = tl.cdiv(b, BM)
-    k = tl.program_id(0) // tiles_m
-    om = (tl.program_id(0) % tiles_m) * BM + tl.arange(0, BM)
-    on = tl.program_id(1) * BN + tl.arange(0, BN)
+def _rotate_kernel(x_ptr, y_ptr, idx_ptr, d_ptr, length, b, sx_major, sx_minor, sy_major, sy_minor, sd_i, sd_c,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    # y[idx[k, i] * sy_major + t * sy_minor] = sum_c d[k, i, c] * x[idx[k, c] * sx_major + t * sx_minor]
+    # rows: (major, minor) = (row stride, 1) and d as stored; columns: (1, row stride) and d read
+    # transposed (sd_i, sd_c) = (1, b), since (X E)^T = E^T X^T
+    tiles = tl.cdiv(b, BM)
+    k = tl.program_id(0) // tiles
+    oi = (tl.program_id(0) % tiles) * BM + tl.arange(0, BM)
+    ot = tl.program_id(1) * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for kk in range(0, b, BK):
         oc = kk + tl.arange(0, BK)
-        d = tl.load(d_ptr + k * b * b + om[:, None] * b + oc[None, :], mask=(om < b)[:, None] & (oc < b)[None, :],
-                    other=0.0).to(tl.float32)
-        rows = tl.load(idx_ptr + k * b + oc, mask=oc < b, other=0)
-        xg = tl.load(x_ptr + rows[:, None] * sx + on[None, :], mask=(oc < b)[:, None] & (on < n)[None, :],
-                     other=0.0).to(tl.float32)
+        d = tl.load(d_ptr + k * b * b + oi[:, None] * sd_i + oc[None, :] * sd_c,
+                    mask=(oi < b)[:, None] & (oc < b)[None, :], other=0.0).to(tl.float32)
+        src = tl.load(idx_ptr + k * b + oc, mask=oc < b, other=0)
+        xg = tl.load(x_ptr + src[:, None] * sx_major + ot[None, :] * sx_minor,
+                     mask=(oc < b)[:, None] & (ot < length)[None, :], other=0.0).to(tl.float32)
         acc += tl.dot(d, xg, input_precision=PREC)
-    out = tl.load(idx_ptr + k * b + om, mask=om < b, other=0)
-    tl.store(y_ptr + out[:, None] * sy + on[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(om < b)[:, None] & (on < n)[None, :])
-
-
-@triton.jit
-def _rotate_cols_kernel(x_ptr, y_ptr, idx_ptr, e_ptr, m, b, sx, sy,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    # y[i, idx[k, j]] = sum_c x[i, idx[k, c]] * e[k, c, j]
-    tiles_n = tl.cdiv(b, BN)
-    k = tl.program_id(1) // tiles_n
-    on = (tl.program_id(1) % tiles_n) * BN + tl.arange(0, BN)
-    om = tl.program_id(0) * BM + tl.arange(0, BM)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for kk in range(0, b, BK):
-        oc = kk + tl.arange(0, BK)
-        cols = tl.load(idx_ptr + k * b + oc, mask=oc < b, other=0)
-        xg = tl.load(x_ptr + om[:, None] * sx + cols[None, :], mask=(om < m)[:, None] & (oc < b)[None, :],
-                     other=0.0).to(tl.float32)
-        e = tl.load(e_ptr + k * b * b + oc[:, None] * b + on[None, :], mask=(oc < b)[:, None] & (on < b)[None, :],
-                    other=0.0).to(tl.float32)
-        acc += tl.dot(xg, e, input_precision=PREC)
-    out = tl.load(idx_ptr + k * b + on, mask=on < b, other=0)
-    tl.store(y_ptr + om[:, None] * sy + out[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(om < m)[:, None] & (on < b)[None, :])
+    dst = tl.load(idx_ptr + k * b + oi, mask=oi < b, other=0)
+    tl.store(y_ptr + dst[:, None] * sy_major + ot[None, :] * sy_minor, acc.to(y_ptr.dtype.element_ty),
+             mask=(oi < b)[:, None] & (ot < length)[None, :])
 
 
 @triton.jit
@@ -102,29 +82,27 @@ def _check(x: torch.Tensor, idx: torch.Tensor, blocks: torch.Tensor) -> tuple[to
 
 def rotate_rows(x: torch.Tensor, idx: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Kernel of ``geomopt.geometry.blocks.rotate_rows``."""
-    x, idx, d = _check(x, idx, d)
-    y = x.clone()
-    nblk, b = idx.shape
-    if nblk == 0 or x.shape[1] == 0:
-        return y
-    t = _tile(b)
-    grid = (nblk * triton.cdiv(b, t), triton.cdiv(x.shape[1], 64))
-    _rotate_rows_kernel[grid](x, y, idx, d.to(x.dtype), x.shape[1], b, x.stride(0), y.stride(0),
-                              BM=t, BN=64, BK=t, PREC=_prec(x, d))
-    return y
+    return _rotate(x, idx, d, rows=True)
 
 
 def rotate_cols(x: torch.Tensor, idx: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """Kernel of ``geomopt.geometry.blocks.rotate_cols``."""
-    x, idx, e = _check(x, idx, e)
+    return _rotate(x, idx, e, rows=False)
+
+
+def _rotate(x: torch.Tensor, idx: torch.Tensor, d: torch.Tensor, rows: bool) -> torch.Tensor:
+    x, idx, d = _check(x, idx, d)
+    d = d.to(x.dtype)
     y = x.clone()
     nblk, b = idx.shape
-    if nblk == 0 or x.shape[0] == 0:
+    length = x.shape[1] if rows else x.shape[0]
+    if nblk == 0 or length == 0:
         return y
     t = _tile(b)
-    grid = (triton.cdiv(x.shape[0], 64), nblk * triton.cdiv(b, t))
-    _rotate_cols_kernel[grid](x, y, idx, e.to(x.dtype), x.shape[0], b, x.stride(0), y.stride(0),
-                              BM=64, BN=t, BK=t, PREC=_prec(x, e))
+    s = x.stride(0)  # x and y are contiguous and of one shape
+    strides = (s, 1, s, 1, b, 1) if rows else (1, s, 1, s, 1, b)
+    grid = (nblk * triton.cdiv(b, t), triton.cdiv(length, 64))
+    _rotate_kernel[grid](x, y, idx, d, length, b, *strides, BM=t, BN=64, BK=t, PREC=_prec(x, d))
     return y
 
 
