@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from .routing import build_param_groups, is_factorized
 
-__all__ = ["FactorOptimizer", "COMMON_ARGS_DOC", "NONFINITE_POLICIES", "factor_dtype", "check_rank"]
+__all__ = ["FactorOptimizer", "COMMON_ARGS_DOC", "NONFINITE_POLICIES", "factor_dtype", "check_rank", "fill_args_doc"]
 
 NONFINITE_POLICIES = ("skip", "raise")
 
@@ -37,6 +37,16 @@ COMMON_ARGS_DOC = r"""
     nonfinite: ``"skip"`` (default) skips the step of a parameter whose gradient holds NaN/Inf and
         counts it in ``stats``; ``"raise"`` raises ``FloatingPointError``.
 """
+
+
+def fill_args_doc(cls: type) -> type:
+    """Class decorator: put ``COMMON_ARGS_DOC`` where the class docstring says ``<COMMON_ARGS>``
+    (``<COMMON_ARGS_NO_INNER>``: the same without ``inner``/``inner_kwargs``)."""
+    no_inner = COMMON_ARGS_DOC.split("    inner:")[0] + COMMON_ARGS_DOC[COMMON_ARGS_DOC.index("    seed:"):]
+    doc = cls.__doc__ or ""
+    cls.__doc__ = doc.replace("<COMMON_ARGS_NO_INNER>", no_inner.strip("\n")).replace(
+        "<COMMON_ARGS>", COMMON_ARGS_DOC.strip("\n"))
+    return cls
 
 
 def _check_number(name: str, value: Any, *, low: float | None = None, low_open: bool = False,

@@ -6,13 +6,14 @@ from typing import Any
 import torch
 
 from ..geometry.lowrank import retract, stabilize, tangent_project, transport
-from .base import COMMON_ARGS_DOC, FactorOptimizer, _check_number, check_rank, factor_dtype
+from .base import FactorOptimizer, _check_number, check_rank, factor_dtype, fill_args_doc
 
 __all__ = ["DLRAMomentum", "METHODS"]
 
 METHODS = ("heavy_ball", "adam")
 
 
+@fill_args_doc
 class DLRAMomentum(FactorOptimizer):
     r"""Momentum on the fixed-rank manifold (Schotthöfer, Klein, Kusch, arXiv 2506.17475).
 
@@ -43,7 +44,7 @@ class DLRAMomentum(FactorOptimizer):
     fp32 for bf16/fp16 weights; ``stabilize_every`` re-orthonormalizes U and V by QR.
 
     Args:
-    """ + COMMON_ARGS_DOC.split("    inner:")[0] + COMMON_ARGS_DOC[COMMON_ARGS_DOC.index("    seed:"):] + r"""
+<COMMON_ARGS_NO_INNER>
     rank: r, the rank of every routed weight (<= min(m, n)); with ``rank_tol`` the starting rank.
     momentum: beta of heavy-ball, or beta1 of Adam.
     method: ``"heavy_ball"`` or ``"adam"``.

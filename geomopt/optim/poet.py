@@ -7,7 +7,7 @@ import torch
 
 from ..geometry import block_layout, block_sizes, skew_norm_bound, skew_size
 from ..geometry.dispatch import call
-from .base import COMMON_ARGS_DOC, FactorOptimizer, _check_number, factor_dtype
+from .base import FactorOptimizer, _check_number, factor_dtype, fill_args_doc
 
 __all__ = ["POETOptimizer", "POET"]
 
@@ -51,6 +51,7 @@ def _apply(x: torch.Tensor, rows: list, ds: list, cols: list, es: list) -> torch
     return x
 
 
+@fill_args_doc
 class POETOptimizer(FactorOptimizer):
     r"""POET (Qiu et al., arXiv 2506.08001) as a drop-in replacement for ``torch.optim.AdamW``.
 
@@ -81,7 +82,7 @@ class POETOptimizer(FactorOptimizer):
     (counted in ``stats["early_merges"]``).
 
     Args:
-    """ + COMMON_ARGS_DOC + r"""
+<COMMON_ARGS>
     block_size: block size b (int >= 2); in ``"fs"`` mode also a fraction in (0, 1]. Default (None):
         256 (the paper's POET-BS setting), clamped to each side's dimension, so small models work;
         an explicit size larger than every routed weight is an error.

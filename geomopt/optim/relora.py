@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .base import COMMON_ARGS_DOC, FactorOptimizer, _check_number, check_rank, factor_dtype
+from .base import FactorOptimizer, _check_number, check_rank, factor_dtype, fill_args_doc
 
 __all__ = ["ReLoRAReset", "PRUNE_MODES", "prune_state_"]
 
@@ -48,6 +48,7 @@ def prune_state_(state: dict[str, Any], like: torch.Tensor, prune_ratio: float, 
         v.mul_(mask)
 
 
+@fill_args_doc
 class ReLoRAReset(FactorOptimizer):
     r"""ReLoRA (Lialin et al., arXiv 2307.05695) as a drop-in replacement for ``torch.optim.AdamW``.
 
@@ -70,7 +71,7 @@ class ReLoRAReset(FactorOptimizer):
     For frozen-base compute savings, keep peft LoRA layers and use ``geomopt.relora.merge_and_reinit``.
 
     Args:
-    """ + COMMON_ARGS_DOC + r"""
+<COMMON_ARGS>
     rank: r of the update in each cycle (<= min(m, n) of every routed weight).
     alpha: LoRA scale numerator; s = alpha / rank.
     reset_every: steps per cycle.
