@@ -18,6 +18,7 @@ import torch
 
 from .blocks import col_block_grad, rotate_cols, rotate_rows, row_block_grad
 from .cayley import cayley_exact, cayley_neumann
+from .qr import tall_qr
 
 __all__ = ["REFERENCES", "register_kernel", "kernel_for", "call"]
 
@@ -28,6 +29,7 @@ REFERENCES: dict[str, Callable] = {
     "rotate_cols": rotate_cols,
     "row_block_grad": row_block_grad,
     "col_block_grad": col_block_grad,
+    "tall_qr": tall_qr,
 }
 _KERNELS: dict[str, Callable] = {}
 _loaded = False
@@ -57,10 +59,16 @@ def kernels_enabled() -> bool:
     return os.environ.get("GEOMOPT_KERNELS", "0") == "1"
 
 
+def _on_kernel_device(x: torch.Tensor) -> bool:
+    """Whether ``x`` lives where the kernels run (CUDA). Tests patch this to route CPU tensors to the
+    kernels under Triton's interpreter."""
+    return x.is_cuda
+
+
 def kernel_for(name: str, x: torch.Tensor) -> Callable:
     """The function that ``call`` would run for ``name`` on tensor ``x``: a registered kernel for CUDA
     tensors of fp32/bf16/fp16 (float64 stays on the reference) when kernels are enabled."""
-    if x.is_cuda and x.dtype in KERNEL_DTYPES and kernels_enabled():
+    if _on_kernel_device(x) and x.dtype in KERNEL_DTYPES and kernels_enabled():
         if not _loaded:
             _load_kernels()
         fn = _KERNELS.get(name)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .dispatch import call
+
 __all__ = ["tangent_project", "tangent_to_dense", "transport", "retract", "truncation_rank", "check_point",
            "stabilize"]
 
@@ -64,8 +66,8 @@ def retract(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, xi: Tangent, step
     """
     xs, xu, xv = xi
     r = s.shape[0]
-    qu, ru = torch.linalg.qr(torch.cat([u, xu], dim=1))
-    qv, rv = torch.linalg.qr(torch.cat([v, xv], dim=1))
+    qu, ru = call("tall_qr", torch.cat([u, xu], dim=1))
+    qv, rv = call("tall_qr", torch.cat([v, xv], dim=1))
     eye = torch.eye(r, dtype=s.dtype, device=s.device)
     core = torch.cat([torch.cat([s - step * xs, -step * eye], 1),
                       torch.cat([-step * eye, torch.zeros_like(eye)], 1)], 0)
@@ -93,6 +95,6 @@ def check_point(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, tol: float = 
 
 def stabilize(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> Tangent:
     """Re-orthonormalize U and V against numerical drift (QR), absorbing R factors into S: same W."""
-    qu, ru = torch.linalg.qr(u)
-    qv, rv = torch.linalg.qr(v)
+    qu, ru = call("tall_qr", u)
+    qv, rv = call("tall_qr", v)
     return qu, ru @ s @ rv.T, qv
