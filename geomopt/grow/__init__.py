@@ -1,0 +1,121 @@
+"""Grow a transformer mid-training without changing what it computes (Gesmundo & Maile, arXiv 2308.06103),
+and carry the optimizer over.
+
+    growth = geomopt.grow.expand(model, optimizer, mlp_width=1024, hidden=384, add_layers=[2])
+
+works in place on a HuggingFace ``LlamaForCausalLM`` (all transforms) or ``GPT2LMHeadModel`` (MLP width and
+layers; the others raise ValueError saying why). The transforms run in the order MLP width, heads, head
+width, hidden width, layers; each is also available alone (``grow_mlp_width`` ...), and any sequence of
+calls composes. The model's config follows, so ``save_pretrained`` / ``from_pretrained`` give back the
+same function. With ``optimizer``, the grown parameters keep their identity and their optimizer state is
+extended (see ``geomopt.grow.carry``); added layers join the parameter groups of their neighbours.
+
+``init="random"`` draws the entries the paper leaves arbitrary from N(0, std of the weight they extend);
+``init="zeros"`` makes them zero as well (still exact, but new MLP units and heads then get zero gradients
+until something else moves them).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from . import gpt2, llama
+from .carry import carry, prepare
+from .resize import Growth
+
+__all__ = ["expand", "grow_mlp_width", "grow_heads", "grow_head_dim", "grow_hidden", "grow_layers", "Growth"]
+
+ORDER = ("mlp_width", "heads", "head_dim", "hidden", "add_layers")
+
+
+def _arch(model: nn.Module):
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind == "llama":
+        return llama
+    if kind == "gpt2":
+        return gpt2
+    raise ValueError(f"model: growth supports HuggingFace Llama and GPT-2 models, got {type(model).__name__} "
+                     f"(config.model_type={kind!r})")
+
+
+def _preflight(model: nn.Module, todo: dict[str, Any]) -> None:
+    """Check every requested transform against the sizes it will meet, before anything changes."""
+    cfg = model.config
+    if "mlp_width" in todo:
+        current = cfg.intermediate_size if cfg.model_type == "llama" else (cfg.n_inner or 4 * cfg.n_embd)
+        llama._check_growth("mlp_width", todo["mlp_width"], current)
+    if cfg.model_type == "gpt2":
+        for name in ("hidden", "heads", "head_dim"):
+            if name in todo:
+                getattr(gpt2, name)(model, None, todo[name])  # raises
+        return
+    heads, hidden = cfg.num_attention_heads, cfg.hidden_size
+    if "heads" in todo:
+        llama._check_growth("heads", todo["heads"], heads)
+        llama.check_heads(cfg, todo["heads"])
+        heads = todo["heads"]
+    if "head_dim" in todo:
+        llama._check_growth("head_dim", todo["head_dim"], cfg.head_dim)
+    if "hidden" in todo:
+        llama._check_growth("hidden", todo["hidden"], hidden)
+        hidden = todo["hidden"]
+    if hidden % heads:
+        raise ValueError(f"heads={heads}, hidden={hidden}: LlamaConfig requires hidden_size to be a multiple of the "
+                         "number of attention heads")
+
+
+def expand(model: nn.Module, optimizer: Any = None, *, mlp_width: int | None = None, heads: int | None = None,
+           head_dim: int | None = None, hidden: int | None = None, add_layers=None, init: str = "random",
+           seed: int = 0) -> Growth:
+    """Apply the requested expansions in place; returns the record of resized and added parameters.
+
+    mlp_width: new MLP width. heads: new query-head count (Llama: whole kv groups). head_dim: new head
+    width (Llama). hidden: new residual width (Llama). add_layers: indices of the current layer list,
+    a new layer inserted before each (the length appends). optimizer: the optimizer training ``model``.
+    """
+    growth = Growth(init, seed)
+    arch = _arch(model)
+    todo = {k: v for k, v in dict(mlp_width=mlp_width, heads=heads, head_dim=head_dim, hidden=hidden,
+                                  add_layers=add_layers).items() if v is not None}
+    _preflight(model, todo)
+    if "add_layers" in todo:
+        llama._check_positions(todo["add_layers"], model.config.num_hidden_layers)
+    if optimizer is not None:
+        if not hasattr(optimizer, "param_groups"):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        prepare(optimizer)
+    for name in ORDER:
+        if name in todo:
+            step = Growth(init, seed, gen=growth.gen)  # one record per transform: a tensor grows once in each
+            getattr(arch, name)(model, step, todo[name])
+            if optimizer is not None:
+                carry(optimizer, step)
+            growth.resized += step.resized
+            growth.added += step.added
+    return growth
+
+
+def grow_mlp_width(model: nn.Module, size: int, optimizer: Any = None, *, init: str = "random", seed: int = 0):
+    """MLP width -> ``size`` (see ``expand``)."""
+    return expand(model, optimizer, mlp_width=size, init=init, seed=seed)
+
+
+def grow_heads(model: nn.Module, count: int, optimizer: Any = None, *, init: str = "random", seed: int = 0):
+    """Query heads -> ``count`` (see ``expand``)."""
+    return expand(model, optimizer, heads=count, init=init, seed=seed)
+
+
+def grow_head_dim(model: nn.Module, size: int, optimizer: Any = None, *, init: str = "random", seed: int = 0):
+    """Head width -> ``size`` (see ``expand``)."""
+    return expand(model, optimizer, head_dim=size, init=init, seed=seed)
+
+
+def grow_hidden(model: nn.Module, size: int, optimizer: Any = None, *, init: str = "random", seed: int = 0):
+    """Residual width -> ``size`` (see ``expand``)."""
+    return expand(model, optimizer, hidden=size, init=init, seed=seed)
+
+
+def grow_layers(model: nn.Module, positions, optimizer: Any = None, *, init: str = "random", seed: int = 0):
+    """Insert layers before ``positions`` (see ``expand``)."""
+    return expand(model, optimizer, add_layers=positions, init=init, seed=seed)

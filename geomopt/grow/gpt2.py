@@ -1,0 +1,84 @@
+"""The expansions that are exact for GPT-2 (LayerNorm, Conv1D weights stored in x out): MLP width and
+added layers. Hidden growth and head changes raise ValueError saying why."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .resize import Growth
+
+KEEP = "keep"
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    base = getattr(model, "transformer", model)
+    if not hasattr(base, "h"):
+        raise ValueError(f"model must be a GPT2LMHeadModel or GPT2Model, got {type(model).__name__}")
+    return base.h
+
+
+def mlp_width(model: nn.Module, growth: Growth, size: int) -> None:
+    """c_fc gains output columns (arbitrary, zero bias), c_proj gains zero input rows."""
+    from .llama import _check_growth
+
+    cfg = model.config
+    p = cfg.n_inner if cfg.n_inner is not None else 4 * cfg.n_embd
+    if not _check_growth("mlp_width", size, p):
+        return
+    m = torch.arange(p)
+    for block in _blocks(model):
+        fc, proj = block.mlp.c_fc, block.mlp.c_proj
+        growth.resize(fc.weight, (fc.weight.shape[0], size), (None, m), (KEEP, "random"))
+        growth.resize(fc.bias, (size,), (m,), ("zero",))
+        fc.nf = size
+        growth.resize(proj.weight, (size, proj.weight.shape[1]), (m, None), ("zero", KEEP))
+        proj.nx = size
+    cfg.n_inner = size
+
+
+def add_layers(model: nn.Module, growth: Growth, positions) -> None:
+    """Insert blocks whose attention and MLP output projections (weights and biases) are zero."""
+    from .llama import _check_positions
+
+    cfg = model.config
+    if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
+        raise ValueError("add_layers: this GPT-2 scales attention by 1/(layer index + 1), so inserting a layer "
+                         "changes the scaling of every later layer; not function-preserving")
+    blocks = _blocks(model)
+    n = len(blocks)
+    positions = _check_positions(positions, n)
+    for pos in sorted(positions, reverse=True):
+        template = blocks[min(pos, n - 1)]
+        block = type(template)(cfg, layer_idx=pos)
+        ref = next(template.parameters())
+        block.to(device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            for (name, p), (_, t) in zip(block.named_parameters(), template.named_parameters()):
+                if name.endswith(("attn.c_proj.weight", "attn.c_proj.bias", "mlp.c_proj.weight",
+                                  "mlp.c_proj.bias")) or name.endswith("bias") and not name.startswith("ln"):
+                    p.zero_()
+                elif name.startswith("ln"):
+                    p.copy_(t)
+                else:
+                    p.copy_(growth.randn(p.shape, t))
+                growth.added.append((p, t))
+        blocks.insert(pos, block)
+    for i, block in enumerate(blocks):
+        block.attn.layer_idx = i
+    cfg.n_layer = len(blocks)
+
+
+def hidden(model: nn.Module, growth: Growth, size: int) -> None:
+    raise ValueError(f"hidden={size}: GPT-2 normalizes with LayerNorm, whose mean and variance over the grown "
+                     "width change with the new (zero) dimensions and cannot be rescaled exactly (RMSNorm can); "
+                     "masked statistics are not implemented")
+
+
+def heads(model: nn.Module, growth: Growth, count: int) -> None:
+    raise ValueError(f"heads={count}: GPT-2 ties the head width to n_embd / n_head, so adding heads at a fixed "
+                     "n_embd would change the width of every existing head; not function-preserving")
+
+
+def head_dim(model: nn.Module, growth: Growth, size: int) -> None:
+    raise ValueError(f"head_dim={size}: GPT-2 ties the head width to n_embd / n_head; grow hidden instead "
+                     "(which GPT-2's LayerNorm does not allow exactly)")

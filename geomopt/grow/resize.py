@@ -1,0 +1,112 @@
+"""Growing one parameter: where its old entries go, and what the new ones hold.
+
+A growth is described per dimension by a map (the positions of the old indices in the grown dimension;
+None: the dimension does not grow) and a fill: ``"zero"`` when the transform needs every new slice along
+that dimension to be zero (the weights that write a new residual dimension or read a new unit), else
+``"random"`` (arbitrary: drawn with the weight's own standard deviation, or zero with ``init="zeros"``).
+An entry that is new along a zero-fill dimension is zero; any other new entry is arbitrary. The
+Parameter object is kept (``p.data`` is replaced), so optimizers and hooks that hold it keep working;
+each growth is recorded for the optimizer carry-over.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["Resize", "Growth", "scatter", "old_mask"]
+
+
+@dataclass
+class Resize:
+    """How one parameter grew: ``old_shape``, per-dimension ``maps`` and ``fills``, and the factor
+    ``scale`` that multiplied its old entries."""
+
+    param: nn.Parameter
+    old_shape: tuple[int, ...]
+    maps: tuple[torch.Tensor | None, ...]
+    fills: tuple[str, ...]
+    scale: float = 1.0
+
+
+def scatter(t: torch.Tensor, new_shape: tuple[int, ...], maps) -> torch.Tensor:
+    """The old tensor placed into a zero tensor of ``new_shape`` at the mapped positions."""
+    out = t
+    for dim, m in enumerate(maps):
+        if m is None:
+            continue
+        shape = list(out.shape)
+        shape[dim] = new_shape[dim]
+        out = out.new_zeros(shape).index_copy_(dim, m.to(out.device), out)
+    return out
+
+
+def _membership(size: int, m: torch.Tensor | None, device) -> torch.Tensor:
+    inside = torch.zeros(size, dtype=torch.bool, device=device)
+    if m is None:
+        inside[:] = True
+    else:
+        inside[m.to(device)] = True
+    return inside
+
+
+def _along(v: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[dim] = -1
+    return v.view(shape)
+
+
+def old_mask(new_shape: tuple[int, ...], maps, device) -> torch.Tensor:
+    """True where an entry of the grown tensor holds an old entry."""
+    mask = torch.ones((), dtype=torch.bool, device=device)
+    for dim, m in enumerate(maps):
+        mask = mask & _along(_membership(new_shape[dim], m, device), dim, len(new_shape))
+    return mask.expand(new_shape)
+
+
+@dataclass
+class Growth:
+    """One call's bookkeeping: the random generator, the init, and every resized or added parameter."""
+
+    init: str
+    seed: int
+    resized: list[Resize] = field(default_factory=list)
+    added: list[tuple[nn.Parameter, nn.Parameter]] = field(default_factory=list)  # (new, template)
+    gen: torch.Generator | None = None
+
+    def __post_init__(self):
+        if self.init not in ("random", "zeros"):
+            raise ValueError(f"init must be 'random' or 'zeros', got {self.init!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        if self.gen is None:
+            self.gen = torch.Generator().manual_seed(self.seed)
+
+    def randn(self, shape, like: torch.Tensor, std: float | None = None) -> torch.Tensor:
+        """Arbitrary values for new entries: N(0, std) with the std of ``like`` (zeros with init="zeros")."""
+        if self.init == "zeros":
+            return torch.zeros(shape, dtype=like.dtype, device=like.device)
+        if std is None:
+            std = float(like.detach().float().std()) if like.numel() > 1 else 0.0
+            if not std > 0:
+                std = 0.02
+        return (torch.randn(shape, generator=self.gen) * std).to(like.dtype).to(like.device)
+
+    def resize(self, p: nn.Parameter, new_shape, maps, fills, scale: float = 1.0) -> None:
+        """Grow ``p`` in place (same Parameter object) and record it."""
+        if any(r.param is p for r in self.resized):  # tied weights are handled once per transform
+            raise RuntimeError("a parameter was resized twice in one transform")
+        new_shape = tuple(int(s) for s in new_shape)
+        old = p.detach()
+        placed = scatter(old * scale if scale != 1.0 else old, new_shape, maps)
+        keep = old_mask(new_shape, maps, old.device)
+        zero = torch.zeros(new_shape, dtype=torch.bool, device=old.device)
+        for dim, (m, fill) in enumerate(zip(maps, fills)):
+            if m is not None and fill == "zero":
+                zero = zero | ~_along(_membership(new_shape[dim], m, old.device), dim, len(new_shape))
+        fresh = self.randn(new_shape, old)
+        out = torch.where(keep, placed, torch.where(zero, torch.zeros_like(fresh), fresh))
+        self.resized.append(Resize(p, tuple(old.shape), tuple(maps), tuple(fills), scale))
+        p.data = out
+        p.grad = None
