@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from . import data as corpus
+from .grow import expand, parse_growth
 from .init import normalized_gaussian_
 from .optim import POET, DLRAMomentum, ReLoRAReset
 from .optim.routing import build_param_groups
@@ -121,6 +122,7 @@ def train_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     curve, step_time, train_time, peak_state = [], 0.0, 0.0, 0
     curve.append((0, evaluate(model, windows.to(args.device))))
     bar = _progress(args.steps, name, args.quiet)
+    grown = []  # (step, tokens, val loss before, val loss after)
     for step in range(1, args.steps + 1):
         batch = corpus.sample_batch(train_tokens, args.batch, args.seq_len, gen).to(args.device)
         t0 = time.perf_counter()
@@ -135,16 +137,24 @@ def train_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         step_time += t2 - t1
         train_time += t2 - t0
         peak_state = max(peak_state, state_bytes(opt))  # factors' inner state is dropped at merges
+        for at, kwargs in args.grow:
+            if at == step:
+                before = evaluate(model, windows.to(args.device))
+                expand(model, opt, seed=args.seed + step, **kwargs)
+                after = evaluate(model, windows.to(args.device))
+                grown.append((step, step * args.batch * args.seq_len, before, after))
+                curve.append((step * args.batch * args.seq_len, after))
         if step % args.eval_every == 0 or step == args.steps:
             curve.append((step * args.batch * args.seq_len, evaluate(model, windows.to(args.device))))
         bar(step, loss.item())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    drift = max(float(((torch.linalg.svdvals(w.detach().double()) - s0).abs() / s0.clamp_min(1e-12)).max())
-                for w, s0 in zip(linears, sv0))
+    drift = None if grown else max(  # singular values of grown weights are not comparable
+        float(((torch.linalg.svdvals(w.detach().double()) - s0).abs() / s0.clamp_min(1e-12)).max())
+        for w, s0 in zip(linears, sv0))
     row = dict(optimizer=name, lr=lr, val_loss=curve[-1][1], val_ppl=math.exp(curve[-1][1]),
                tokens_per_s=args.steps * args.batch * args.seq_len / train_time,
                step_ms=1000 * step_time / args.steps, state_bytes=peak_state, peak_rss_bytes=peak, spectrum_drift=drift,
-               curve=curve, stats=getattr(opt, "stats", {}))
+               curve=curve, stats=getattr(opt, "stats", {}), growth=grown)
     if args.device.startswith("cuda"):
         row["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
     return row
@@ -218,7 +228,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['tokens_per_s']:.0f}{ratio(r, 'tokens_per_s')} | {r['step_ms']:.1f}{ratio(r, 'step_ms')} | "
             f"{r['state_bytes'] / 2**20:.2f} MiB{ratio(r, 'state_bytes')} | "
             f"{r['peak_rss_bytes'] / 2**20:.0f} MiB{ratio(r, 'peak_rss_bytes')} | {merges} | "
-            f"{r['spectrum_drift']:.1e} |")
+            f"{'-' if r['spectrum_drift'] is None else format(r['spectrum_drift'], '.1e')} |")
     return "\n".join(lines)
 
 
@@ -248,6 +258,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="folder for results.json and table.md")
     p.add_argument("--in-process", action="store_true", help="no subprocess per optimizer (peak memory is shared)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--grow", action="append", default=[], metavar="STEP:SPEC",
+                   help="grow the model after STEP with geomopt.grow.expand, e.g. 100:mlp_width=512,hidden=192 or "
+                        "200:add_layers=1+3 (repeatable)")
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
@@ -262,6 +275,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.hidden % args.heads:
         p.error(f"--hidden {args.hidden} must be divisible by --heads {args.heads}")
     args.eval_every = args.eval_every or max(1, args.steps // 6)
+    try:
+        args.grow = sorted(parse_growth(g) for g in args.grow)
+    except ValueError as err:
+        p.error(f"--grow: {err}")
     return args
 
 

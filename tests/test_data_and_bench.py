@@ -60,3 +60,25 @@ def test_bench_cli_runs_in_a_subprocess_and_rejects_bad_flags():
     bad = subprocess.run([sys.executable, "-m", "geomopt.bench", "--optimizers", "sgd"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "unknown ['sgd']" in bad.stderr
+
+
+def test_bench_grows_mid_run_without_changing_the_validation_loss():
+    rows = bench.run_bench(["--preset", "tiny", "--optimizers", "adamw,poet", "--in-process", "--quiet",
+                            "--block-size", "8", "--steps", "12", "--grow", "4:mlp_width=96,hidden=48",
+                            "--grow", "8:add_layers=1+2"])
+    for r in rows:
+        assert [g[0] for g in r["growth"]] == [4, 8]
+        for _, _, before, after in r["growth"]:
+            assert abs(after - before) < 1e-5 * before
+        assert r["spectrum_drift"] is None and math.isfinite(r["val_loss"])
+
+
+@pytest.mark.parametrize("spec,pattern", [
+    ("x:hidden=48", "expected STEP:key=value"),
+    ("4:width=48", "keys are mlp_width, heads, head_dim, hidden, add_layers"),
+    ("4:hidden=4.5", "values are integers"),
+])
+def test_bench_rejects_bad_growth_specs(spec, pattern, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--grow", spec])
+    assert pattern in capsys.readouterr().err

@@ -24,7 +24,8 @@ from . import gpt2, llama
 from .carry import carry, prepare
 from .resize import Growth
 
-__all__ = ["expand", "grow_mlp_width", "grow_heads", "grow_head_dim", "grow_hidden", "grow_layers", "Growth"]
+__all__ = ["expand", "parse_growth", "grow_mlp_width", "grow_heads", "grow_head_dim", "grow_hidden", "grow_layers",
+           "Growth"]
 
 ORDER = ("mlp_width", "heads", "head_dim", "hidden", "add_layers")
 
@@ -56,7 +57,8 @@ def _preflight(model: nn.Module, todo: dict[str, Any]) -> None:
         llama.check_heads(cfg, todo["heads"])
         heads = todo["heads"]
     if "head_dim" in todo:
-        llama._check_growth("head_dim", todo["head_dim"], cfg.head_dim)
+        if llama._check_growth("head_dim", todo["head_dim"], cfg.head_dim):
+            llama.check_head_dim(cfg, todo["head_dim"])
     if "hidden" in todo:
         llama._check_growth("hidden", todo["hidden"], hidden)
         hidden = todo["hidden"]
@@ -119,3 +121,21 @@ def grow_hidden(model: nn.Module, size: int, optimizer: Any = None, *, init: str
 def grow_layers(model: nn.Module, positions, optimizer: Any = None, *, init: str = "random", seed: int = 0):
     """Insert layers before ``positions`` (see ``expand``)."""
     return expand(model, optimizer, add_layers=positions, init=init, seed=seed)
+
+
+def parse_growth(text: str) -> tuple[int, dict[str, Any]]:
+    """``"STEP:key=value,..."`` -> (step, expand keyword arguments); add_layers takes ``+``-separated indices,
+    e.g. ``"200:mlp_width=512,add_layers=1+3"`` (the command line of ``geomopt-bench --grow``)."""
+    step, sep, spec = text.partition(":")
+    if not sep or not step.strip().isdigit() or not spec.strip():
+        raise ValueError(f"expected STEP:key=value[,key=value...], got {text!r}")
+    kwargs: dict[str, Any] = {}
+    for item in spec.split(","):
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if not eq or key not in ORDER:
+            raise ValueError(f"{item!r} in {text!r}: keys are {', '.join(ORDER)}")
+        try:
+            kwargs[key] = [int(v) for v in value.split("+")] if key == "add_layers" else int(value)
+        except ValueError:
+            raise ValueError(f"{item!r} in {text!r}: values are integers") from None
+    return int(step), kwargs

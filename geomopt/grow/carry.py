@@ -1,5 +1,6 @@
-"""Carrying an optimizer across a growth: the grown Parameter objects are the same ones the optimizer
-holds, so what changes is their state; new parameters (added layers) join the group of their template.
+"""Carrying an optimizer across a growth: every grown parameter is a new Parameter object, swapped for
+the old one in every parameter group and in the state (whose tensors are extended); new parameters
+(added layers) join the group of their template. Hooks registered on an old Parameter do not follow.
 
 - Any torch optimizer: every state tensor shaped like the old parameter (AdamW's moments, SGD's momentum
   buffer, ...) is padded with zeros at the new entries; scalars (``step``) stay.
@@ -47,9 +48,12 @@ def carry(optimizer: Any, growth: Growth) -> None:
     if not hasattr(optimizer, "param_groups") or not hasattr(optimizer, "state"):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     for r in growth.resized:
-        st = optimizer.state.get(r.param)
+        for group in optimizer.param_groups:
+            group["params"] = [r.param if q is r.old else q for q in group["params"]]
+        st = optimizer.state.pop(r.old, None)
         if not st:
             continue
+        optimizer.state[r.param] = st
         group = _group_of(optimizer, r.param)
         if isinstance(optimizer, POETOptimizer) and "perm_row" in st:
             _poet(optimizer, r, st, group)
@@ -140,7 +144,7 @@ def _dlra(r: Resize, st: dict[str, Any], growth: Growth) -> None:
     with torch.no_grad():
         keep = old_mask(tuple(p.shape), r.maps, p.device)
         full = (u_pad @ (s * r.scale) @ v_pad.T).to(p.dtype)
-        p.data = torch.where(keep, p.data, full)
+        p.copy_(torch.where(keep, p, full))
     xs, xu, xv = st["exp_avg"]
     u0, v0 = _pad_dim(u, 0, r.maps[0], m), _pad_dim(v, 0, r.maps[1], n)
     moved = (xs, _pad_dim(xu, 0, r.maps[0], m), _pad_dim(xv, 0, r.maps[1], n))

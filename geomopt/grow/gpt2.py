@@ -28,10 +28,10 @@ def mlp_width(model: nn.Module, growth: Growth, size: int) -> None:
     m = torch.arange(p)
     for block in _blocks(model):
         fc, proj = block.mlp.c_fc, block.mlp.c_proj
-        growth.resize(fc.weight, (fc.weight.shape[0], size), (None, m), (KEEP, "random"))
-        growth.resize(fc.bias, (size,), (m,), ("zero",))
+        growth.resize(fc, "weight", (fc.weight.shape[0], size), (None, m), (KEEP, "random"))
+        growth.resize(fc, "bias", (size,), (m,), ("zero",))
         fc.nf = size
-        growth.resize(proj.weight, (size, proj.weight.shape[1]), (m, None), ("zero", KEEP))
+        growth.resize(proj, "weight", (size, proj.weight.shape[1]), (m, None), ("zero", KEEP))
         proj.nx = size
     cfg.n_inner = size
 

@@ -27,17 +27,17 @@ def parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
 def _bias(growth: Growth, lin: nn.Linear, m: torch.Tensor, scale: float = 1.0) -> None:
     """A bias follows its weight's rows; its new entries are zero (an arbitrary choice that is always exact)."""
     if lin.bias is not None:
-        growth.resize(lin.bias, (lin.weight.shape[0],), (m,), ("zero",), scale)
+        growth.resize(lin, "bias", (lin.weight.shape[0],), (m,), ("zero",), scale)
 
 
 def _rows(growth: Growth, lin: nn.Linear, new_out: int, m: torch.Tensor, fill: str, scale: float = 1.0) -> None:
-    growth.resize(lin.weight, (new_out, lin.weight.shape[1]), (m, None), (fill, KEEP), scale)
+    growth.resize(lin, "weight", (new_out, lin.weight.shape[1]), (m, None), (fill, KEEP), scale)
     _bias(growth, lin, m, scale)
     lin.out_features = new_out
 
 
 def _cols(growth: Growth, lin: nn.Linear, new_in: int, m: torch.Tensor, fill: str) -> None:
-    growth.resize(lin.weight, (lin.weight.shape[0], new_in), (None, m), (KEEP, fill))
+    growth.resize(lin, "weight", (lin.weight.shape[0], new_in), (None, m), (KEEP, fill))
     lin.in_features = new_in
 
 
@@ -103,6 +103,17 @@ def heads(model: nn.Module, growth: Growth, count: int) -> None:
     cfg.num_attention_heads, cfg.num_key_value_heads = count, kv_new
 
 
+def check_head_dim(cfg, size: int) -> None:
+    d = cfg.head_dim
+    if size % 2 or d % 2:
+        raise ValueError(f"head_dim={size}: RoPE rotates pairs of dimensions, the old ({d}) and new head "
+                         "widths must be even")
+    rope = dict(getattr(cfg, "rope_parameters", None) or {})
+    if rope.get("rope_type", "default") != "default" or "rope_theta" not in rope:
+        raise ValueError(f"head_dim={size}: growth keeps RoPE frequencies only for the default rope type with "
+                         f"rope_theta, got rope_parameters={rope}")
+
+
 def head_dim(model: nn.Module, growth: Growth, size: int) -> None:
     """Head width d -> d' for q, k and v together (the paper's transforms 3 and 4): new v dims arbitrary
     and the output-projection columns that read them zero; new k dims zero, new q dims arbitrary, old k
@@ -114,13 +125,8 @@ def head_dim(model: nn.Module, growth: Growth, size: int) -> None:
     d = cfg.head_dim
     if not _check_growth("head_dim", size, d):
         return
-    if size % 2 or d % 2:
-        raise ValueError(f"head_dim={size}: RoPE rotates pairs of dimensions, the old ({d}) and new head "
-                         "widths must be even")
-    rope = dict(getattr(cfg, "rope_parameters", None) or {})
-    if rope.get("rope_type", "default") != "default" or "rope_theta" not in rope:
-        raise ValueError(f"head_dim growth keeps RoPE frequencies only for the default rope type with "
-                         f"rope_theta, got rope_parameters={rope}")
+    check_head_dim(cfg, size)
+    rope = dict(cfg.rope_parameters)
     half = torch.arange(d // 2)
     per_head = torch.cat([half, size // 2 + half])
     h, kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -152,7 +158,8 @@ def hidden(model: nn.Module, growth: Growth, size: int) -> None:
         return
     m = torch.arange(h)
     emb = base.embed_tokens
-    growth.resize(emb.weight, (emb.weight.shape[0], size), (None, m), (KEEP, "zero"))
+    tied = head is not None and head.weight is emb.weight
+    growth.resize(emb, "weight", (emb.weight.shape[0], size), (None, m), (KEEP, "zero"))
     emb.embedding_dim = size
     scale = math.sqrt(h / size)
     norms = [base.norm]
@@ -165,13 +172,14 @@ def hidden(model: nn.Module, growth: Growth, size: int) -> None:
         norms += [layer.input_layernorm, layer.post_attention_layernorm]
         mlp.hidden_size = layer.hidden_size = size
     for norm in norms:
-        growth.resize(norm.weight, (size,), (m,), ("zero",), scale)
+        growth.resize(norm, "weight", (size,), (m,), ("zero",), scale)
         norm.weight.data[h:] = scale  # a fresh gain of one, rescaled like the others
         norm.variance_epsilon = norm.variance_epsilon * h / size
-    if head is not None and head.weight is not emb.weight:
-        _cols(growth, head, size, m, "random")
-    elif head is not None:
+    if tied:
+        head.weight = emb.weight
         head.in_features = size
+    elif head is not None:
+        _cols(growth, head, size, m, "random")
     cfg.rms_norm_eps = cfg.rms_norm_eps * h / size
     cfg.hidden_size = size
 

@@ -4,9 +4,10 @@ A growth is described per dimension by a map (the positions of the old indices i
 None: the dimension does not grow) and a fill: ``"zero"`` when the transform needs every new slice along
 that dimension to be zero (the weights that write a new residual dimension or read a new unit), else
 ``"random"`` (arbitrary: drawn with the weight's own standard deviation, or zero with ``init="zeros"``).
-An entry that is new along a zero-fill dimension is zero; any other new entry is arbitrary. The
-Parameter object is kept (``p.data`` is replaced), so optimizers and hooks that hold it keep working;
-each growth is recorded for the optimizer carry-over.
+An entry that is new along a zero-fill dimension is zero; any other new entry is arbitrary. A grown
+tensor is a new Parameter set on its module (replacing ``.data`` in place would leave autograd's cached
+gradient accumulator, which holds the old shape, alive in any graph the caller still references); the
+record of old and new Parameter lets the optimizer carry-over swap it in every group and in the state.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class Resize:
     ``scale`` that multiplied its old entries."""
 
     param: nn.Parameter
+    old: nn.Parameter
     old_shape: tuple[int, ...]
     maps: tuple[torch.Tensor | None, ...]
     fills: tuple[str, ...]
@@ -93,9 +95,10 @@ class Growth:
                 std = 0.02
         return (torch.randn(shape, generator=self.gen) * std).to(like.dtype).to(like.device)
 
-    def resize(self, p: nn.Parameter, new_shape, maps, fills, scale: float = 1.0) -> None:
-        """Grow ``p`` in place (same Parameter object) and record it."""
-        if any(r.param is p for r in self.resized):  # tied weights are handled once per transform
+    def resize(self, module: nn.Module, name: str, new_shape, maps, fills, scale: float = 1.0) -> nn.Parameter:
+        """Replace ``module.<name>`` by its grown copy (a new Parameter) and record the growth."""
+        p = getattr(module, name)
+        if any(r.old is p for r in self.resized):  # tied weights are handled once per transform
             raise RuntimeError("a parameter was resized twice in one transform")
         new_shape = tuple(int(s) for s in new_shape)
         old = p.detach()
@@ -107,6 +110,7 @@ class Growth:
                 zero = zero | ~_along(_membership(new_shape[dim], m, old.device), dim, len(new_shape))
         fresh = self.randn(new_shape, old)
         out = torch.where(keep, placed, torch.where(zero, torch.zeros_like(fresh), fresh))
-        self.resized.append(Resize(p, tuple(old.shape), tuple(maps), tuple(fills), scale))
-        p.data = out
-        p.grad = None
+        new = nn.Parameter(out, requires_grad=p.requires_grad)
+        setattr(module, name, new)
+        self.resized.append(Resize(new, p, tuple(old.shape), tuple(maps), tuple(fills), scale))
+        return new
