@@ -120,3 +120,31 @@ def test_dlra_keeps_the_rank_and_the_point_on_the_manifold(corpus):
             w = p.detach()
             assert float((u @ s @ v.T - w).norm() / w.norm()) < 1e-5
             assert [tuple(t.shape) for t in st["exp_avg"]] == [(6, 6), tuple(u.shape), tuple(v.shape)]
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_grown_run_resumes_from_its_checkpoint_into_a_fresh_optimizer(name, corpus, tmp_path):
+    model = llama()
+    opt = OPTIMIZERS[name](model)
+    train(model, opt, corpus, 4, torch.Generator().manual_seed(0))
+    grow.expand(model, opt, mlp_width=64, hidden=48, add_layers=[1])
+    train(model, opt, corpus, 2, torch.Generator().manual_seed(1))
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    twin = llama()
+    grow.expand(twin, mlp_width=64, hidden=48, add_layers=[1])  # the grown architecture
+    twin.load_state_dict(ckpt["model"])
+    twin_opt = OPTIMIZERS[name](twin)
+    twin_opt.load_state_dict(ckpt["opt"])
+    train(model, opt, corpus, 3, torch.Generator().manual_seed(2))
+    train(twin, twin_opt, corpus, 3, torch.Generator().manual_seed(2))
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_generation_with_the_kv_cache_is_unchanged_by_growth():
+    model = llama()
+    prompt = torch.tensor([[3, 17, 42, 5, 9]])
+    before = model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    grow.expand(model, mlp_width=64, heads=6, head_dim=10, hidden=48, add_layers=[0, 2], init="zeros")
+    assert torch.equal(model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0), before)

@@ -92,7 +92,7 @@ def expand(model: nn.Module, optimizer: Any = None, *, mlp_width: int | None = N
             step = Growth(init, seed, gen=growth.gen)  # one record per transform: a tensor grows once in each
             getattr(arch, name)(model, step, todo[name])
             if optimizer is not None:
-                carry(optimizer, step)
+                carry(optimizer, step, model)
             growth.resized += step.resized
             growth.added += step.added
     return growth

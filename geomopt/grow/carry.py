@@ -43,8 +43,10 @@ def _group_of(optimizer: Any, p: torch.Tensor) -> dict[str, Any] | None:
     return None
 
 
-def carry(optimizer: Any, growth: Growth) -> None:
-    """After the weights changed: extend the state of every resized parameter, add the new ones."""
+def carry(optimizer: Any, growth: Growth, model: torch.nn.Module) -> None:
+    """After the weights changed: extend the state of every resized parameter, add the new ones, and list
+    each group's parameters in the model's order (what a fresh optimizer built from the grown model has,
+    so that a checkpoint of the grown run loads into it by position)."""
     if not hasattr(optimizer, "param_groups") or not hasattr(optimizer, "state"):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     for r in growth.resized:
@@ -67,6 +69,10 @@ def carry(optimizer: Any, growth: Growth) -> None:
         group = _group_of(optimizer, template)
         if group is not None:
             group["params"].append(new)
+    order = {id(p): i for i, p in enumerate(model.parameters())}
+    for group in optimizer.param_groups:
+        if all(id(p) in order for p in group["params"]):
+            group["params"].sort(key=lambda p: order[id(p)])
 
 
 def _pad_like(st: dict[str, Any], r: Resize) -> None:
