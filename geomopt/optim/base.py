@@ -123,13 +123,15 @@ class FactorOptimizer(Optimizer):
         self.nonfinite = nonfinite
         self._inner: Optimizer | None = None
         self._dense: torch.optim.AdamW | None = None
+        self._building = True  # __init__ warns about unnamed parameters once; its add_param_group calls do not
         super().__init__(build_param_groups(params), defaults)
+        self._building = False
 
     # ------------------------------------------------------------------ groups and arguments
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        group = build_param_groups([param_group])[0]
+        group = build_param_groups([param_group], warn=not getattr(self, "_building", False))[0]
         merged = {**self.defaults, **group}
         params = merged["params"]
         for p in params:

@@ -22,7 +22,8 @@ EXCLUDED_NAME = re.compile(
 _UNNAMED_WARNING = (
     "geomopt: {n} 2-D parameter(s) were given without names, so all of them are factorized, embeddings "
     "and the LM head included. Pass the model (or model.named_parameters()) to route embeddings and the "
-    "head to AdamW, or put them in a param group with factorize=False."
+    "head to AdamW, or put them in a param group with factorize=False (with the HuggingFace Trainer: "
+    "optimizer_cls_and_kwargs=(cls, {{'model': model, ...}}))."
 )
 
 
@@ -91,8 +92,13 @@ def _strip_names(params: Iterable) -> list:
     return out
 
 
-def build_param_groups(params: Any) -> list[dict[str, Any]]:
-    """Turn what a user passes (module, named_parameters(), params, or param groups) into groups."""
+def _as_list(params: Any) -> list:
+    return [params] if isinstance(params, torch.Tensor) else list(params)
+
+
+def build_param_groups(params: Any, warn: bool = True) -> list[dict[str, Any]]:
+    """Turn what a user passes (module, named_parameters(), params, or param groups) into groups; ``warn``:
+    warn when 2-D parameters come without names (they are all factorized)."""
     if isinstance(params, nn.Module):
         groups = _from_module(params)
     else:
@@ -108,13 +114,18 @@ def build_param_groups(params: Any) -> list[dict[str, Any]]:
             groups = _from_named(items)
         elif all(isinstance(x, dict) for x in items):
             groups = [dict(g, params=_strip_names(g["params"]) if "params" in g else []) for g in items]
+            n2d = sum(1 for g, raw in zip(groups, items) if "factorize" not in g
+                      for p, r in zip(g["params"], _as_list(raw.get("params", [])))
+                      if isinstance(p, torch.Tensor) and p.dim() == 2 and not isinstance(r, tuple))
+            if n2d:
+                warnings.warn(_UNNAMED_WARNING.format(n=n2d), UserWarning, stacklevel=4)
         else:
             for x in items:
                 if not isinstance(x, torch.Tensor):
                     raise TypeError(f"params: expected Tensors, got an item of type {type(x).__name__}")
             groups = [{"params": items}]
             n2d = sum(1 for p in items if p.dim() == 2)
-            if n2d:
+            if n2d and warn:
                 warnings.warn(_UNNAMED_WARNING.format(n=n2d), UserWarning, stacklevel=4)
     if not groups:
         raise ValueError("params: the optimizer got an empty parameter list")

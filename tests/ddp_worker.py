@@ -1,0 +1,46 @@
+"""A DDP training run (gloo, CPU) for tests/test_distributed.py: every rank trains on its half of each global
+batch and saves its final parameters; with world size 1 it trains on the whole batch."""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+from grow_models import llama  # noqa: E402
+
+import geomopt  # noqa: E402
+from geomopt.data import load_corpus, sample_batch  # noqa: E402
+
+MAKERS = {
+    "poet": lambda m: geomopt.POET(m, lr=1e-2, block_size=8, merge_every=3),
+    "relora": lambda m: geomopt.ReLoRAReset(m, lr=1e-2, rank=4, alpha=8, reset_every=3),
+    "dlra": lambda m: geomopt.DLRAMomentum(m, lr=3e-3, rank=4, method="adam"),
+}
+
+
+def main(rank: int, world: int, name: str, out: str, init_file: str) -> None:
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)  # the comparison with one process is to 1e-6: keep rounding out of it
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = llama()
+    model.train()
+    opt = MAKERS[name](model)  # built on the plain module: the same routing and seeds on every rank
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    train, _ = load_corpus(max_bytes=100_000)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(7):
+        batch = sample_batch(train % 64, 8, 16, gen)
+        part = batch.chunk(world)[rank]
+        opt.zero_grad()
+        net(part, labels=part).loss.backward()
+        opt.step()
+    torch.save([p.detach() for p in model.parameters()], out)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    rank, world, name, out, init_file = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    main(rank, world, name, out, init_file)

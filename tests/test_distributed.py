@@ -1,0 +1,35 @@
+"""DDP (gloo, 2 CPU processes): every rank ends bit-identical, and equal to one process on the same global
+batch to 1e-6 (float64, so that the comparison measures the method and not fp32 rounding of the averaged
+gradients); nothing but DDP's gradient all-reduce is communicated (permutations, factors and resets come
+from the generators saved in each rank's state)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+WORKER = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
+
+
+def launch(world, name, tmp_path):
+    init = tmp_path / f"init-{name}-{world}"
+    outs = [tmp_path / f"{name}-{world}-rank{r}.pt" for r in range(world)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, WORKER, str(r), str(world), name, str(outs[r]), str(init)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-3000:]
+    return [torch.load(o, weights_only=True) for o in outs]
+
+
+@pytest.mark.parametrize("name", ["poet", "relora", "dlra"])
+def test_ddp_ranks_agree_bitwise_and_match_one_process(name, tmp_path):
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    rank0, rank1 = launch(2, name, tmp_path)
+    (single,) = launch(1, name, tmp_path)
+    for a, b, c in zip(rank0, rank1, single):
+        assert torch.equal(a, b)
+        assert float((a - c).norm() / c.norm().clamp_min(1e-12)) < 1e-6
