@@ -38,9 +38,12 @@ def main(rank: int, world: int, name: str, out: str, init_file: str) -> None:
         opt.step()
     torch.save([p.detach() for p in model.parameters()], out)
     if world > 1:
+        dist.barrier()
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     rank, world, name, out, init_file = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     main(rank, world, name, out, init_file)
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter teardown: gloo's threads can abort it once the peer has gone

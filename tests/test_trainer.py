@@ -96,7 +96,7 @@ def test_optimizer_cls_and_kwargs_without_the_model_warns_that_everything_2d_is_
         trainer.train()
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")
+@pytest.mark.filterwarnings("ignore:Detected call of")
 def test_make_optimizer_specs_and_errors():
     m = model()
     opt, sched = make_optimizer(m, "relora:lr=1e-3,rank=4,reset_every=20", total_steps=100)

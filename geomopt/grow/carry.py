@@ -108,7 +108,7 @@ def _poet(opt: POETOptimizer, r: Resize, st: dict[str, Any], group: dict[str, An
     for side, dim in zip(("row", "col"), p.shape):
         sizes = block_sizes(dim, _side_block(dim, group), group["mode"] == "fs")
         st[f"q_{side}"] = [torch.zeros(nb, skew_size(b), dtype=fdtype, device=p.device) for nb, b in sizes]
-        st[f"inner_{side}"] = [{} for _ in sizes]
+        st[f"inner_{side}"] = [opt._fresh_inner(q) for q in st[f"q_{side}"]]
     opt._draw_perms(p, st)
     if "w0" in st:
         st["w0"] = p.detach().to(fdtype, copy=True)

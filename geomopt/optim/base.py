@@ -7,6 +7,7 @@ zero-gradient no-op rule, and a ``load_state_dict`` that restores what torch's d
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from typing import Any, Callable
@@ -59,6 +60,10 @@ def _check_number(name: str, value: Any, *, low: float | None = None, low_open: 
         raise ValueError(f"{name} must be finite, got {value!r}")
     if low is not None and (value <= low if low_open else value < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    return type(p).__name__ == "DTensor" and hasattr(p, "full_tensor")
 
 
 def factor_dtype(p: torch.Tensor) -> torch.dtype:
@@ -173,36 +178,111 @@ class FactorOptimizer(Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            for p in params:
-                if p.grad.is_sparse:
-                    raise TypeError(f"{type(self).__name__} does not support sparse gradients "
-                                    f"(parameter of shape {tuple(p.shape)})")
-                if p.grad.is_complex() or p.is_complex():
-                    raise TypeError(f"{type(self).__name__} does not support complex parameters or gradients "
-                                    f"(parameter of shape {tuple(p.shape)})")
-            fact = [p for p in params if is_factorized(p, group)]
-            for p in fact:
-                if not self.state[p]:
-                    pos = next(i for i, q in enumerate(group["params"]) if q is p)
-                    self._init_factor_state(p, group, first_index + pos)
-            if group["lr"] == 0 and not any(bool(p.grad.any()) for p in params):
-                continue  # lr = 0 and zero gradients: state exists now, nothing else changes
-            finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).tolist()
-            if not all(finite):
-                bad = [p for p, ok in zip(params, finite) if not ok]
-                if self.nonfinite == "raise":
-                    raise FloatingPointError(
-                        f"non-finite gradient in {len(bad)} parameter(s) (first of shape {tuple(bad[0].shape)}); "
-                        "nothing was updated in this group")
-                group["nonfinite_skips"] = group.get("nonfinite_skips", 0) + len(bad)
-                params = [p for p, ok in zip(params, finite) if ok]
-                fact = [p for p in fact if any(p is q for q in params)]
-            dense = [p for p in params if not is_factorized(p, group)]
-            if dense:
-                self._dense_step(group, dense)
-            if fact:
-                self._factor_step(group, fact)
+            sharded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            if any(_is_dtensor(p) for p in params):
+                params, sharded = self._gather(params)
+            try:
+                for p in params:
+                    if p.grad.is_sparse:
+                        raise TypeError(f"{type(self).__name__} does not support sparse gradients "
+                                        f"(parameter of shape {tuple(p.shape)})")
+                    if p.grad.is_complex() or p.is_complex():
+                        raise TypeError(f"{type(self).__name__} does not support complex parameters or gradients "
+                                        f"(parameter of shape {tuple(p.shape)})")
+                fact = [p for p in params if is_factorized(p, group)]
+                for p in fact:
+                    if not self.state[p]:
+                        orig = sharded[id(p)][0] if id(p) in sharded else p
+                        pos = next(i for i, q in enumerate(group["params"]) if q is orig)
+                        self._init_factor_state(p, group, first_index + pos)
+                if group["lr"] == 0 and not any(bool(p.grad.any()) for p in params):
+                    for p in params:  # the AdamW-routed tensors get their (zero) state too, with step 0
+                        if not is_factorized(p, group) and not self.state[p]:
+                            self._init_dense_state(p)
+                    continue  # lr = 0 and zero gradients: state exists now, nothing else changes
+                finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).tolist()
+                if not all(finite):
+                    bad = [p for p, ok in zip(params, finite) if not ok]
+                    if self.nonfinite == "raise":
+                        raise FloatingPointError(
+                            f"non-finite gradient in {len(bad)} parameter(s) (first of shape "
+                            f"{tuple(bad[0].shape)}); nothing was updated in this group")
+                    group["nonfinite_skips"] = group.get("nonfinite_skips", 0) + len(bad)
+                    params = [p for p, ok in zip(params, finite) if ok]
+                    fact = [p for p in fact if any(p is q for q in params)]
+                dense = [p for p in params if not is_factorized(p, group)]
+                if dense:
+                    self._dense_step(group, dense)
+                if fact:
+                    self._factor_step(group, fact)
+            finally:
+                if sharded:
+                    self._scatter(sharded)
         return loss
+
+    def _gather(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
+        """DTensor parameters (FSDP2): step a full, replicated copy of each, identically on every rank.
+
+        The weight and its gradient are all-gathered (a collective every rank runs in the same order), the
+        state is re-keyed to the copy for the step and back afterwards; ``_scatter`` writes each rank's
+        shard. Correct and equal to the unsharded step, but the dense weight is gathered: communication-
+        and memory-optimal sharded steps are not implemented yet.
+        """
+        out, sharded = [], {}
+        for p in params:
+            if not _is_dtensor(p):
+                out.append(p)
+                continue
+            full = p.full_tensor().detach().clone()
+            full.grad = p.grad.full_tensor()
+            if p in self.state:
+                self.state[full] = self.state.pop(p)
+            sharded[id(full)] = (p, full)
+            out.append(full)
+        return out, sharded
+
+    def _scatter(self, sharded: dict) -> None:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        for p, full in sharded.values():
+            if full in self.state:
+                self.state[p] = self.state.pop(full)
+            local = p.to_local()
+            shape, offset = compute_local_shape_and_global_offset(full.shape, p.device_mesh, p.placements)
+            if tuple(shape) != tuple(local.shape):
+                raise RuntimeError(f"shard of shape {tuple(local.shape)} does not match the computed "
+                                   f"{tuple(shape)} for placements {p.placements}")
+            local.copy_(full[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
+
+    def _fresh_inner(self, factor: torch.Tensor) -> dict[str, Any]:
+        """The inner optimizer's state for ``factor`` before its first step, when that state is known
+        (torch Adam/AdamW, not fused or capturable; a later step is then exactly a first step): creating it
+        up front keeps the state's structure fixed, which torch.distributed.checkpoint needs (it loads into
+        a template of the state). Other inner optimizers get ``{}`` and create their state lazily."""
+        from torch.optim.optimizer import _get_scalar_dtype
+
+        kw = self._inner_kwargs
+        if self._inner_cls not in (torch.optim.Adam, torch.optim.AdamW) or kw.get("fused") or kw.get("capturable"):
+            return {}
+        zeros = functools.partial(torch.zeros_like, factor, memory_format=torch.preserve_format)
+        st = dict(step=torch.tensor(0.0, dtype=_get_scalar_dtype()), exp_avg=zeros(), exp_avg_sq=zeros())
+        if kw.get("amsgrad"):
+            st["max_exp_avg_sq"] = zeros()
+        return st
+
+    def _reset_inner(self, st: dict[str, Any], factor: torch.Tensor) -> None:
+        """Reset a factor's inner state to the state before a first step."""
+        st.clear()
+        st.update(self._fresh_inner(factor))
+
+    def _init_dense_state(self, p: torch.Tensor) -> None:
+        """The state torch.optim.AdamW creates on its first step, before that step (so a later real step
+        is the same as on a fresh optimizer)."""
+        from torch.optim.optimizer import _get_scalar_dtype
+
+        self.state[p].update(step=torch.tensor(0.0, dtype=_get_scalar_dtype()),
+                             exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                             exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
 
     def _dense_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """torch.optim.AdamW on ``params`` with the group's hyperparameters; state in self.state."""

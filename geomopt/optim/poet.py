@@ -166,7 +166,7 @@ class POETOptimizer(FactorOptimizer):
         for side, dim in zip(_SIDES, p.shape):
             sizes = block_sizes(dim, _side_block(dim, group), group["mode"] == "fs")
             state[f"q_{side}"] = [torch.zeros(nb, skew_size(b), dtype=fdtype, device=p.device) for nb, b in sizes]
-            state[f"inner_{side}"] = [{} for _ in sizes]
+            state[f"inner_{side}"] = [self._fresh_inner(q) for q in state[f"q_{side}"]]
         if group["store_base"]:
             state["w0"] = p.detach().to(fdtype, copy=True)
 
@@ -256,10 +256,9 @@ class POETOptimizer(FactorOptimizer):
         if w_new is not None:
             state["w0"] = w_new
         for side in _SIDES:
-            for q in state[f"q_{side}"]:
+            for q, s in zip(state[f"q_{side}"], state[f"inner_{side}"]):
                 q.zero_()
-            for s in state[f"inner_{side}"]:
-                s.clear()
+                self._reset_inner(s, q)
         self._draw_perms(p, state)
         state["since_merge"] = 0
         state["merges"] += 1

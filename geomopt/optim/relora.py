@@ -131,7 +131,7 @@ class ReLoRAReset(FactorOptimizer):
         state.update(step=0, cycle_step=0, resets=0, restarted=False)
         state["rng"] = torch.Generator().manual_seed(self._param_seed(index)).get_state()
         if group["warm_start_steps"] > 0:
-            state["inner_full"] = {}
+            state["inner_full"] = self._fresh_inner(p)
         else:
             self._start_low_rank(p, state, group)
 
@@ -140,7 +140,7 @@ class ReLoRAReset(FactorOptimizer):
         r = group["rank"]
         state["A"] = self._draw_a(p, state, r)
         state["B"] = torch.zeros(p.shape[0], r, dtype=factor_dtype(p), device=p.device)
-        state["inner_A"], state["inner_B"] = {}, {}
+        state["inner_A"], state["inner_B"] = self._fresh_inner(state["A"]), self._fresh_inner(state["B"])
 
     def _check_loaded_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         for key in ("rng", "step", "cycle_step"):
@@ -201,7 +201,10 @@ class ReLoRAReset(FactorOptimizer):
         """Merge-and-reinit: W already holds W_start + s B A; A redrawn, B <- 0, inner state pruned."""
         gen = self._generator(state)
         for name in ("A", "B"):
-            prune_state_(state[f"inner_{name}"], state[name], group["prune_ratio"], group["prune"], gen)
+            if group["prune"] == "reset":
+                self._reset_inner(state[f"inner_{name}"], state[name])
+            else:
+                prune_state_(state[f"inner_{name}"], state[name], group["prune_ratio"], group["prune"], gen)
         state["rng"] = gen.get_state()
         state["A"].copy_(self._draw_a(p, state, group["rank"]))
         state["B"].zero_()
