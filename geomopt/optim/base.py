@@ -171,6 +171,12 @@ class FactorOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.nonfinite == "raise":  # check every group before any of them changes
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            bad = [g for g in grads if not bool(torch.isfinite(g).all())]
+            if bad:
+                raise FloatingPointError(f"non-finite gradient in {len(bad)} parameter(s) (first of shape "
+                                         f"{tuple(bad[0].shape)}); nothing was updated")
         index = 0
         for group in self.param_groups:
             first_index = index
@@ -202,11 +208,7 @@ class FactorOptimizer(Optimizer):
                     continue  # lr = 0 and zero gradients: state exists now, nothing else changes
                 finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).tolist()
                 if not all(finite):
-                    bad = [p for p, ok in zip(params, finite) if not ok]
-                    if self.nonfinite == "raise":
-                        raise FloatingPointError(
-                            f"non-finite gradient in {len(bad)} parameter(s) (first of shape "
-                            f"{tuple(bad[0].shape)}); nothing was updated in this group")
+                    bad = [p for p, ok in zip(params, finite) if not ok]  # "skip" ("raise" checked above)
                     group["nonfinite_skips"] = group.get("nonfinite_skips", 0) + len(bad)
                     params = [p for p, ok in zip(params, finite) if ok]
                     fact = [p for p in fact if any(p is q for q in params)]
