@@ -117,7 +117,7 @@ def build_param_groups(params: Any, warn: bool = True) -> list[dict[str, Any]]:
             n2d = sum(1 for g, raw in zip(groups, items) if "factorize" not in g
                       for p, r in zip(g["params"], _as_list(raw.get("params", [])))
                       if isinstance(p, torch.Tensor) and p.dim() == 2 and not isinstance(r, tuple))
-            if n2d:
+            if n2d and warn:
                 warnings.warn(_UNNAMED_WARNING.format(n=n2d), UserWarning, stacklevel=4)
         else:
             for x in items:
