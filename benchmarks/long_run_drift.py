@@ -53,7 +53,8 @@ def dlra_orthonormality(steps: int, lr: float, seed: int = 0) -> float:
         w.grad = w.detach() - target
         opt.step()
         st = opt.state[w]
-        worst = max(worst, float((st["U"].T @ st["U"] - eye).abs().max()), float((st["V"].T @ st["V"] - eye).abs().max()))
+        for basis in (st["U"], st["V"]):
+            worst = max(worst, float((basis.T @ basis - eye).abs().max()))
     return worst
 
 

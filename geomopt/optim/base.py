@@ -345,6 +345,10 @@ class FactorOptimizer(Optimizer):
             if len(sg["params"]) != len(group["params"]):
                 raise ValueError(f"param group {gi}: state_dict has {len(sg['params'])} parameters, "
                                  f"this optimizer has {len(group['params'])}")
+            lacking = sorted(k for k in self.defaults if k not in sg)
+            if lacking:  # torch would replace the group by the saved one, dropping this method's settings
+                raise ValueError(f"param group {gi} of the state_dict lacks {lacking[:4]}: it comes from another "
+                                 f"optimizer than {type(self).__name__}")
             merged = {**group, **{k: v for k, v in sg.items() if k != "params"}}
             for sid, p in zip(sg["params"], group["params"]):
                 st = state_dict["state"].get(sid)
@@ -354,12 +358,15 @@ class FactorOptimizer(Optimizer):
                     raise ValueError(f"state of parameter {sid} must be a dict, got {type(st).__name__}")
                 if is_factorized(p, merged):
                     self._check_loaded_state(p, merged, st)
-                else:
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        t = st.get(key)
-                        if isinstance(t, torch.Tensor) and t.shape != p.shape:
-                            raise ValueError(f"state of parameter {sid}: {key} has shape {tuple(t.shape)}, "
-                                             f"the parameter {tuple(p.shape)}")
+                else:  # AdamW-routed: every tensor but the step count is shaped like the parameter
+                    for key, t in st.items():
+                        if key == "step":
+                            continue
+                        if not isinstance(t, torch.Tensor) or t.shape != p.shape:
+                            what = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                            raise ValueError(f"state of parameter {sid}: {key!r} ({what}) is not AdamW state of "
+                                             f"a {tuple(p.shape)} tensor: the state_dict comes from another "
+                                             "optimizer or model")
                 pairs.append((sid, p))
         super().load_state_dict(state_dict)
         for sid, p in pairs:
