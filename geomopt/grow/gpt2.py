@@ -49,19 +49,11 @@ def add_layers(model: nn.Module, growth: Growth, positions) -> None:
     positions = _check_positions(positions, n)
     for pos in sorted(positions, reverse=True):
         template = blocks[min(pos, n - 1)]
-        block = type(template)(cfg, layer_idx=pos)
-        ref = next(template.parameters())
-        block.to(device=ref.device, dtype=ref.dtype)
-        with torch.no_grad():
-            for (name, p), (_, t) in zip(block.named_parameters(), template.named_parameters()):
-                if name.endswith(("attn.c_proj.weight", "attn.c_proj.bias", "mlp.c_proj.weight",
-                                  "mlp.c_proj.bias")) or name.endswith("bias") and not name.startswith("ln"):
-                    p.zero_()
-                elif name.startswith("ln"):
-                    p.copy_(t)
-                else:
-                    p.copy_(growth.randn(p.shape, t))
-                growth.added.append((p, t))
+        # the output projections (weights and biases) zero, so the block adds nothing; other biases zero too
+        block = growth.new_layer(template, lambda: type(template)(cfg, layer_idx=pos),
+                                 is_zero=lambda name: name.endswith(("c_proj.weight", "bias")) and
+                                 not name.startswith("ln"),
+                                 is_copied=lambda name: name.startswith("ln"))
         blocks.insert(pos, block)
     for i, block in enumerate(blocks):
         block.attn.layer_idx = i

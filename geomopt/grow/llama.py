@@ -194,18 +194,9 @@ def add_layers(model: nn.Module, growth: Growth, positions) -> None:
     positions = _check_positions(positions, n)
     for pos in sorted(positions, reverse=True):
         template = base.layers[min(pos, n - 1)]
-        layer = type(template)(cfg, layer_idx=pos)
-        ref = next(template.parameters())
-        layer.to(device=ref.device, dtype=ref.dtype)
-        with torch.no_grad():
-            for (name, p), (_, t) in zip(layer.named_parameters(), template.named_parameters()):
-                if name.endswith(("o_proj.weight", "down_proj.weight")) or name.endswith("bias"):
-                    p.zero_()
-                elif name.endswith("layernorm.weight"):
-                    p.copy_(t)
-                else:
-                    p.copy_(growth.randn(p.shape, t))
-                growth.added.append((p, t))
+        layer = growth.new_layer(template, lambda: type(template)(cfg, layer_idx=pos),
+                                 is_zero=lambda name: name.endswith(("o_proj.weight", "down_proj.weight", "bias")),
+                                 is_copied=lambda name: name.endswith("layernorm.weight"))
         layer.self_attn.num_key_value_groups = template.self_attn.num_key_value_groups
         base.layers.insert(pos, layer)
         types = getattr(cfg, "layer_types", None)

@@ -95,6 +95,23 @@ class Growth:
                 std = 0.02
         return (torch.randn(shape, generator=self.gen) * std).to(like.dtype).to(like.device)
 
+    def new_layer(self, template: nn.Module, build, is_zero, is_copied) -> nn.Module:
+        """``build()`` a layer like ``template`` (its device and dtype); each parameter zero (``is_zero(name)``),
+        copied from the template's (``is_copied(name)``), or arbitrary; recorded with its template."""
+        layer = build()
+        ref = next(template.parameters())
+        layer.to(device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            for (name, p), (_, t) in zip(layer.named_parameters(), template.named_parameters()):
+                if is_zero(name):
+                    p.zero_()
+                elif is_copied(name):
+                    p.copy_(t)
+                else:
+                    p.copy_(self.randn(p.shape, t))
+                self.added.append((p, t))
+        return layer
+
     def resize(self, module: nn.Module, name: str, new_shape, maps, fills, scale: float = 1.0) -> nn.Parameter:
         """Replace ``module.<name>`` by its grown copy (a new Parameter) and record the growth."""
         p = getattr(module, name)
