@@ -62,6 +62,10 @@ def _check_number(name: str, value: Any, *, low: float | None = None, low_open: 
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
 
 
+# flags torch.optim.Optimizer itself may add to defaults (not this method's settings)
+_TORCH_FLAGS = frozenset({"differentiable", "foreach", "maximize", "capturable", "fused"})
+
+
 def _is_dtensor(p: torch.Tensor) -> bool:
     return type(p).__name__ == "DTensor" and hasattr(p, "full_tensor")
 
@@ -345,7 +349,7 @@ class FactorOptimizer(Optimizer):
             if len(sg["params"]) != len(group["params"]):
                 raise ValueError(f"param group {gi}: state_dict has {len(sg['params'])} parameters, "
                                  f"this optimizer has {len(group['params'])}")
-            lacking = sorted(k for k in self.defaults if k not in sg)
+            lacking = sorted(k for k in self.defaults if k not in sg and k not in _TORCH_FLAGS)
             if lacking:  # torch would replace the group by the saved one, dropping this method's settings
                 raise ValueError(f"param group {gi} of the state_dict lacks {lacking[:4]}: it comes from another "
                                  f"optimizer than {type(self).__name__}")
