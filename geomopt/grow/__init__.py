@@ -7,8 +7,9 @@ works in place on a HuggingFace ``LlamaForCausalLM`` (all transforms) or ``GPT2L
 layers; the others raise ValueError saying why). The transforms run in the order MLP width, heads, head
 width, hidden width, layers; each is also available alone (``grow_mlp_width`` ...), and any sequence of
 calls composes. The model's config follows, so ``save_pretrained`` / ``from_pretrained`` give back the
-same function. With ``optimizer``, the grown parameters keep their identity and their optimizer state is
-extended (see ``geomopt.grow.carry``); added layers join the parameter groups of their neighbours.
+same function. Grown tensors are new Parameters set on their modules; with ``optimizer``, they replace the
+old ones in its groups and state, whose tensors are extended (see ``geomopt.grow.carry``), and added
+layers join the parameter groups of their neighbours.
 
 ``init="random"`` draws the entries the paper leaves arbitrary from N(0, std of the weight they extend);
 ``init="zeros"`` makes them zero as well (still exact, but new MLP units and heads then get zero gradients

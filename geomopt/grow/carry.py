@@ -4,7 +4,7 @@ the old one in every parameter group and in the state (whose tensors are extende
 
 - Any torch optimizer: every state tensor shaped like the old parameter (AdamW's moments, SGD's momentum
   buffer, ...) is padded with zeros at the new entries; scalars (``step``) stay.
-- POET: merged before the growth (W0 <- W, Q <- 0, inner state cleared; the weight does not change),
+- POET: merged before the growth (W0 <- W, Q <- 0, inner state reset; the weight does not change),
   then its skew factors are rebuilt for the new block layout, its permutations redrawn for the new
   dimensions from the parameter's saved generator, and W0 set to the grown weight. Counters stay.
 - ReLoRAReset: A gains columns for new input dims (drawn like a fresh A), B gains zero rows for new
@@ -25,7 +25,7 @@ import torch
 from ..geometry.lowrank import transport
 from ..geometry.qr import tall_qr
 from ..optim.dlra import DLRAMomentum
-from ..optim.poet import POETOptimizer, _side_block
+from ..optim.poet import POETOptimizer
 from ..optim.relora import ReLoRAReset
 from .resize import Growth, Resize, old_mask, scatter
 
@@ -47,8 +47,6 @@ def carry(optimizer: Any, growth: Growth, model: torch.nn.Module) -> None:
     """After the weights changed: extend the state of every resized parameter, add the new ones, and list
     each group's parameters in the model's order (what a fresh optimizer built from the grown model has,
     so that a checkpoint of the grown run loads into it by position)."""
-    if not hasattr(optimizer, "param_groups") or not hasattr(optimizer, "state"):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     for r in growth.resized:
         for group in optimizer.param_groups:
             group["params"] = [r.param if q is r.old else q for q in group["params"]]
@@ -60,7 +58,7 @@ def carry(optimizer: Any, growth: Growth, model: torch.nn.Module) -> None:
         if isinstance(optimizer, POETOptimizer) and "perm_row" in st:
             _poet(optimizer, r, st, group)
         elif isinstance(optimizer, ReLoRAReset) and "rng" in st:
-            _relora(optimizer, r, st, growth)
+            _relora(optimizer, r, st)
         elif isinstance(optimizer, DLRAMomentum) and "U" in st:
             _dlra(r, st, growth)
         else:
@@ -100,29 +98,16 @@ def _pad_dim(t: torch.Tensor, dim: int, m: torch.Tensor | None, size: int, fresh
 
 
 def _poet(opt: POETOptimizer, r: Resize, st: dict[str, Any], group: dict[str, Any]) -> None:
-    from ..geometry import block_sizes, skew_size
-    from ..optim.base import factor_dtype
-
-    p = r.param
-    fdtype = factor_dtype(p)
-    for side, dim in zip(("row", "col"), p.shape):
-        sizes = block_sizes(dim, _side_block(dim, group), group["mode"] == "fs")
-        st[f"q_{side}"] = [torch.zeros(nb, skew_size(b), dtype=fdtype, device=p.device) for nb, b in sizes]
-        st[f"inner_{side}"] = [opt._fresh_inner(q) for q in st[f"q_{side}"]]
-    opt._draw_perms(p, st)
-    if "w0" in st:
-        st["w0"] = p.detach().to(fdtype, copy=True)
+    opt._build_factors(r.param, st, group)  # merged already: counters and the generator state carry over
 
 
-def _relora(opt: ReLoRAReset, r: Resize, st: dict[str, Any], growth: Growth) -> None:
+def _relora(opt: ReLoRAReset, r: Resize, st: dict[str, Any]) -> None:
     p = r.param
     m, n = p.shape
     if "A" in st:
         a, b = st["A"], st["B"]
-        gen = opt._generator(st)  # new columns of A drawn like a fresh A, from the parameter's generator
-        fresh = ((torch.rand(a.shape[0], n, generator=gen, dtype=torch.float64) * 2 - 1) / math.sqrt(n))
-        st["rng"] = gen.get_state()
-        st["A"] = _pad_dim(a, 1, r.maps[1], n, fresh.to(a.device))
+        fresh = opt._draw_a(p, st, a.shape[0])  # new columns of A drawn like a fresh A, from its generator
+        st["A"] = _pad_dim(a, 1, r.maps[1], n, fresh)
         st["B"] = _pad_dim(b, 0, r.maps[0], m)
         for key, dim, size in (("inner_A", 1, n), ("inner_B", 0, m)):
             for k, v in list(st[key].items()):

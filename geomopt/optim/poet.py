@@ -161,6 +161,10 @@ class POETOptimizer(FactorOptimizer):
         state = self.state[p]
         state.update(step=0, since_merge=0, merges=0, early_merges=0)
         state["rng"] = torch.Generator().manual_seed(self._param_seed(index)).get_state()
+        self._build_factors(p, state, group)
+
+    def _build_factors(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """Permutations drawn for p's shape, zero skew factors with fresh inner state, W0 = p (paper mode)."""
         self._draw_perms(p, state)
         fdtype = factor_dtype(p)
         for side, dim in zip(_SIDES, p.shape):
