@@ -66,6 +66,17 @@ def _check_number(name: str, value: Any, *, low: float | None = None, low_open: 
 _TORCH_FLAGS = frozenset({"differentiable", "foreach", "maximize", "capturable", "fused"})
 
 
+def _adam_first_state(t: torch.Tensor, amsgrad: bool) -> dict[str, Any]:
+    """What torch Adam/AdamW (not fused or capturable) put in a tensor's state before its first update."""
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    zeros = functools.partial(torch.zeros_like, t, memory_format=torch.preserve_format)
+    st = dict(step=torch.tensor(0.0, dtype=_get_scalar_dtype()), exp_avg=zeros(), exp_avg_sq=zeros())
+    if amsgrad:
+        st["max_exp_avg_sq"] = zeros()
+    return st
+
+
 def _is_dtensor(p: torch.Tensor) -> bool:
     return type(p).__name__ == "DTensor" and hasattr(p, "full_tensor")
 
@@ -265,16 +276,10 @@ class FactorOptimizer(Optimizer):
         (torch Adam/AdamW, not fused or capturable; a later step is then exactly a first step): creating it
         up front keeps the state's structure fixed, which torch.distributed.checkpoint needs (it loads into
         a template of the state). Other inner optimizers get ``{}`` and create their state lazily."""
-        from torch.optim.optimizer import _get_scalar_dtype
-
         kw = self._inner_kwargs
         if self._inner_cls not in (torch.optim.Adam, torch.optim.AdamW) or kw.get("fused") or kw.get("capturable"):
             return {}
-        zeros = functools.partial(torch.zeros_like, factor, memory_format=torch.preserve_format)
-        st = dict(step=torch.tensor(0.0, dtype=_get_scalar_dtype()), exp_avg=zeros(), exp_avg_sq=zeros())
-        if kw.get("amsgrad"):
-            st["max_exp_avg_sq"] = zeros()
-        return st
+        return _adam_first_state(factor, bool(kw.get("amsgrad")))
 
     def _reset_inner(self, st: dict[str, Any], factor: torch.Tensor) -> None:
         """Reset a factor's inner state to the state before a first step."""
@@ -282,13 +287,9 @@ class FactorOptimizer(Optimizer):
         st.update(self._fresh_inner(factor))
 
     def _init_dense_state(self, p: torch.Tensor) -> None:
-        """The state torch.optim.AdamW creates on its first step, before that step (so a later real step
+        """The state the dense AdamW creates on its first step, before that step (so a later real step
         is the same as on a fresh optimizer)."""
-        from torch.optim.optimizer import _get_scalar_dtype
-
-        self.state[p].update(step=torch.tensor(0.0, dtype=_get_scalar_dtype()),
-                             exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
-                             exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+        self.state[p].update(_adam_first_state(p, False))
 
     def _dense_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """torch.optim.AdamW on ``params`` with the group's hyperparameters; state in self.state."""
