@@ -23,7 +23,7 @@ def main() -> None:
     width = {"tiny": (96, 48), "small": (512, 192), "60m": (2048, 768)}[args.preset]
     first, second = args.steps // 3, 2 * args.steps // 3
     rows = run_bench(["--preset", args.preset, "--optimizers", args.optimizers, "--steps", str(args.steps),
-                      "--eval-every", str(max(1, args.steps // 30)), "--quiet",
+                      "--eval-every", str(max(1, args.steps // 30)), "--quiet", "--out", f"{args.out}-bench",
                       "--grow", f"{first}:mlp_width={width[0]},hidden={width[1]}",
                       "--grow", f"{second}:add_layers=1+2"])
     with open(f"{args.out}.csv", "w", newline="") as f:

@@ -4,7 +4,8 @@
 
 Each optimizer trains in its own spawned process (so peak memory is its own) on the embedded corpus
 (``geomopt.data``) or ``--text-file``; the table reports validation loss, tokens/s, optimizer step
-time, optimizer-state bytes and peak memory.
+time, optimizer-state bytes, peak memory and the number of trained scalars; ``--out DIR`` writes
+``results.json``, ``table.md`` and ``loss.png`` (validation loss against tokens).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from . import data as corpus
+from .bench_report import plot, state_bytes, table, trainable_count
 from .grow import expand, parse_growth
 from .init import normalized_gaussian_
 from .optim import POET, DLRAMomentum, ReLoRAReset
@@ -47,25 +49,6 @@ OPTIMIZERS = {
     "dlra": (lambda m, lr, a: DLRAMomentum(m, lr=lr, rank=a.rank, method="adam"), 3e-3),
     "dlra-hb": (lambda m, lr, a: DLRAMomentum(m, lr=lr, rank=a.rank, method="heavy_ball"), 1e-1),
 }
-
-
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor held in the optimizer's state (factors, moments, permutations, ...)."""
-    seen: set[int] = set()
-
-    def walk(v: Any) -> int:
-        if isinstance(v, torch.Tensor):
-            if id(v) in seen:
-                return 0
-            seen.add(id(v))
-            return v.numel() * v.element_size()
-        if isinstance(v, dict):
-            return sum(walk(x) for x in v.values())
-        if isinstance(v, (list, tuple)):
-            return sum(walk(x) for x in v)
-        return 0
-
-    return sum(walk(s) for s in opt.state.values())
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -117,6 +100,8 @@ def train_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     make, default_lr = OPTIMIZERS[name]
     lr = getattr(args, f"lr_{name.replace('-', '_')}", None) or default_lr
     opt = make(model, lr, args)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.steps, max(1, args.steps // 10)))
     gen = torch.Generator().manual_seed(args.seed + 1)  # the same batches for every optimizer
     curve, step_time, train_time, peak_state = [], 0.0, 0.0, 0
@@ -154,7 +139,7 @@ def train_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     row = dict(optimizer=name, lr=lr, val_loss=curve[-1][1], val_ppl=math.exp(curve[-1][1]),
                tokens_per_s=args.steps * args.batch * args.seq_len / train_time,
                step_ms=1000 * step_time / args.steps, state_bytes=peak_state, peak_rss_bytes=peak, spectrum_drift=drift,
-               curve=curve, stats=getattr(opt, "stats", {}), growth=grown)
+               curve=curve, stats=getattr(opt, "stats", {}), growth=grown, trainable=trainable_count(opt))
     if args.device.startswith("cuda"):
         row["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
     return row
@@ -210,34 +195,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    base = next((r for r in rows if r["optimizer"] == "adamw"), None)
-
-    def ratio(r, key):
-        return f" ({r[key] / base[key]:.2f}x)" if base and base[key] else ""
-
-    head = ("| optimizer | lr | val loss | val ppl | tokens/s | step ms | optimizer state | peak RSS "
-            "| merges (early) / resets | spectrum drift |\n" + "| --- " * 10 + "|")
-    lines = [head]
-    for r in rows:
-        st = r.get("stats") or {}
-        merges = (f"{st['merges']} ({st['early_merges']})" if "merges" in st else
-                  f"{st['resets']} resets" if "resets" in st else "-")
-        lines.append(
-            f"| {r['optimizer']} | {r['lr']:g} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | "
-            f"{r['tokens_per_s']:.0f}{ratio(r, 'tokens_per_s')} | {r['step_ms']:.1f}{ratio(r, 'step_ms')} | "
-            f"{r['state_bytes'] / 2**20:.2f} MiB{ratio(r, 'state_bytes')} | "
-            f"{r['peak_rss_bytes'] / 2**20:.0f} MiB{ratio(r, 'peak_rss_bytes')} | {merges} | "
-            f"{'-' if r['spectrum_drift'] is None else format(r['spectrum_drift'], '.1e')} |")
-    return "\n".join(lines)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="geomopt-bench", description=__doc__.split("\n")[0])
     p.add_argument("--optimizers", default="adamw,poet", help=f"comma list of {','.join(OPTIMIZERS)}")
     p.add_argument("--preset", default="small", choices=sorted(PRESETS))
     for key in ("hidden", "layers", "heads", "intermediate", "seq_len", "batch", "steps", "eval_windows"):
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"override the preset's {key}")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="training token budget: steps = ceil(tokens / (batch x seq_len)), instead of --steps")
     p.add_argument("--eval-every", type=int, default=None, help="validation every N steps (default: steps // 6)")
     for name in OPTIMIZERS:
         p.add_argument(f"--lr-{name}", type=float, default=None, help=f"learning rate of {name}")
@@ -255,16 +220,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--out", default=None, help="folder for results.json and table.md")
+    p.add_argument("--out", default="bench-out", help="folder for results.json, table.md and loss.png "
+                   "(default: bench-out)")
     p.add_argument("--in-process", action="store_true", help="no subprocess per optimizer (peak memory is shared)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--grow", action="append", default=[], metavar="STEP:SPEC",
                    help="grow the model after STEP with geomopt.grow.expand, e.g. 100:mlp_width=512,hidden=192 or "
                         "200:add_layers=1+3 (repeatable)")
     args = p.parse_args(argv)
+    if args.tokens is not None:
+        if args.steps is not None:
+            p.error(f"give --steps or --tokens, not both (got --steps {args.steps} --tokens {args.tokens})")
+        if args.tokens < 1:
+            p.error(f"--tokens must be >= 1, got {args.tokens}")
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.tokens is not None:
+        args.steps = -(-args.tokens // (args.batch * args.seq_len))
     args.optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
     unknown = [o for o in args.optimizers if o not in OPTIMIZERS]
     if unknown or not args.optimizers:
@@ -294,16 +267,20 @@ def run_bench(argv: list[str] | None = None) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     rows = run(args)
     md = table(rows)
+    tokens = args.steps * args.batch * args.seq_len
     machine = (f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                f"Python {platform.python_version()}, device {args.device}")
-    print(f"\npreset {args.preset}: {args.steps} steps x {args.batch} x {args.seq_len} tokens, seed {args.seed}; "
-          f"{machine}; {time.perf_counter() - t0:.0f} s in all\n")
+    title = (f"preset {args.preset}: {args.steps} steps x {args.batch} x {args.seq_len} = {tokens} tokens, "
+             f"seed {args.seed}")
+    print(f"\n{title}; {machine}; {time.perf_counter() - t0:.0f} s in all\n")
     print(md)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps({"args": vars(args), "machine": machine, "rows": rows}, indent=2))
-        (out / "table.md").write_text(md + "\n")
+        (out / "table.md").write_text(f"{title}; {machine}\n\n{md}\n")
+        if not plot(rows, out / "loss.png", f"{title}\n{machine}"):
+            print("loss.png not written: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
     return rows
 
 

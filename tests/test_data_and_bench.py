@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from geomopt import bench, data
+from geomopt.optim.routing import build_param_groups
 
 pytest.importorskip("transformers")
 
@@ -40,32 +41,55 @@ def test_text_file_and_bad_input(tmp_path):
         data.sample_batch(train, 1, 10_000, gen)
 
 
-def test_bench_tiny_writes_results(tmp_path):
+def test_bench_tiny_writes_results_table_and_plot(tmp_path):
     names = ["adamw", "poet-lean", "relora", "dlra"]
-    rows = bench.run_bench(["--preset", "tiny", "--optimizers", ",".join(names), "--in-process", "--quiet",
-                            "--out", str(tmp_path), "--block-size", "8", "--rank", "4", "--steps", "20"])
+    argv = ["--preset", "tiny", "--optimizers", ",".join(names), "--in-process", "--quiet",
+            "--out", str(tmp_path), "--block-size", "8", "--rank", "4", "--tokens", "2500"]
+    rows = bench.run_bench(argv)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [r["optimizer"] for r in saved["rows"]] == names
+    assert saved["args"]["steps"] == 20  # ceil(2500 / (4 x 32))
     for r in rows:
         assert math.isfinite(r["val_loss"]) and r["val_loss"] < r["curve"][0][1] - 0.2, r  # validation loss fell
         assert r["tokens_per_s"] > 0 and r["state_bytes"] > 0
-    assert "| adamw |" in (tmp_path / "table.md").read_text()
+        assert r["curve"][-1][0] == 20 * 4 * 32
+    # trained scalars: everything for AdamW; for the others the factors in place of each routed weight
+    model = bench.build_model(bench.parse_args(argv))
+    routed = [p.shape for g in build_param_groups(model) if g["factorize"] for p in g["params"]]
+    dense = sum(p.numel() for p in model.parameters()) - sum(m * n for m, n in routed)
+    want = {"adamw": dense + sum(m * n for m, n in routed),
+            "poet-lean": dense + sum((m // 8 + n // 8) * 28 for m, n in routed),  # b = 8: 28 skew entries a block
+            "relora": dense + sum(4 * (m + n) for m, n in routed),
+            "dlra": dense + sum(4 * (m + n) + 16 for m, n in routed)}
+    assert {r["optimizer"]: r["trainable"] for r in saved["rows"]} == want
+    md = (tmp_path / "table.md").read_text()
+    assert "20 steps x 4 x 32 = 2560 tokens" in md
+    for r in rows:
+        line = next(x for x in md.splitlines() if x.startswith(f"| {r['optimizer']} |"))
+        assert f"| {r['val_loss']:.4f} |" in line
+    png = (tmp_path / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
-def test_bench_cli_runs_in_a_subprocess_and_rejects_bad_flags():
+def test_bench_cli_runs_in_a_subprocess_and_rejects_bad_flags(tmp_path):
     out = subprocess.run([sys.executable, "-m", "geomopt.bench", "--preset", "tiny", "--optimizers", "poet",
-                          "--quiet", "--steps", "3", "--block-size", "8"], capture_output=True, text=True, timeout=300)
+                          "--quiet", "--steps", "3", "--block-size", "8"], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "| poet |" in out.stdout
+    assert sorted(f.name for f in (tmp_path / "bench-out").iterdir()) == ["loss.png", "results.json", "table.md"]
+    both = subprocess.run([sys.executable, "-m", "geomopt.bench", "--steps", "3", "--tokens", "100"],
+                          capture_output=True, text=True, timeout=120)
+    assert both.returncode == 2 and "give --steps or --tokens, not both" in both.stderr
     bad = subprocess.run([sys.executable, "-m", "geomopt.bench", "--optimizers", "sgd"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "unknown ['sgd']" in bad.stderr
 
 
-def test_bench_grows_mid_run_without_changing_the_validation_loss():
+def test_bench_grows_mid_run_without_changing_the_validation_loss(tmp_path):
     rows = bench.run_bench(["--preset", "tiny", "--optimizers", "adamw,poet", "--in-process", "--quiet",
-                            "--block-size", "8", "--steps", "12", "--grow", "4:mlp_width=96,hidden=48",
-                            "--grow", "8:add_layers=1+2"])
+                            "--block-size", "8", "--steps", "12", "--out", str(tmp_path),
+                            "--grow", "4:mlp_width=96,hidden=48", "--grow", "8:add_layers=1+2"])
     for r in rows:
         assert [g[0] for g in r["growth"]] == [4, 8]
         for _, _, before, after in r["growth"]:

@@ -1,0 +1,113 @@
+"""What ``geomopt-bench`` measures about an optimizer, and how it writes the results (table, plot)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# the tensors that hold what an optimizer trains in place of a factorized weight
+_FACTOR_KEYS = ("q_row", "q_col", "A", "B", "U", "S", "V")
+
+
+def _numel(v: Any) -> int:
+    if isinstance(v, torch.Tensor):
+        return v.numel()
+    if isinstance(v, (list, tuple)):
+        return sum(_numel(x) for x in v)
+    return 0
+
+
+def trainable_count(opt: torch.optim.Optimizer) -> int:
+    """Scalars the optimizer trains: every AdamW-routed tensor in full, and for a factorized weight the
+    factors that stand in for it (POET's skew blocks, ReLoRA's A and B, DLRA's U, S and V; a weight in
+    ReLoRA's full-rank warm start counts in full)."""
+    total = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            keys = [k for k in _FACTOR_KEYS if k in st]
+            total += sum(_numel(st[k]) for k in keys) if keys and "inner_full" not in st else p.numel()
+    return total
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor held in the optimizer's state (factors, moments, permutations, ...)."""
+    seen: set[int] = set()
+
+    def walk(v: Any) -> int:
+        if isinstance(v, torch.Tensor):
+            if id(v) in seen:
+                return 0
+            seen.add(id(v))
+            return v.numel() * v.element_size()
+        if isinstance(v, dict):
+            return sum(walk(x) for x in v.values())
+        if isinstance(v, (list, tuple)):
+            return sum(walk(x) for x in v)
+        return 0
+
+    return sum(walk(s) for s in opt.state.values())
+
+
+def peak_key(row: dict[str, Any]) -> str:
+    """The peak-memory figure of a row: CUDA's allocator peak on a GPU, the process's peak RSS on CPU."""
+    return "peak_cuda_bytes" if "peak_cuda_bytes" in row else "peak_rss_bytes"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The Markdown table of the rows; ratios are to the adamw row when there is one."""
+    base = next((r for r in rows if r["optimizer"] == "adamw"), None)
+
+    def ratio(r, key):
+        return f" ({r[key] / base[key]:.2f}x)" if base and base.get(key) else ""
+
+    mem = "peak CUDA memory" if rows and peak_key(rows[0]) == "peak_cuda_bytes" else "peak RSS"
+    head = (f"| optimizer | lr | val loss | val ppl | tokens/s | step ms | optimizer state | {mem} "
+            "| trainable | merges (early) / resets | spectrum drift |\n" + "| --- " * 11 + "|")
+    lines = [head]
+    for r in rows:
+        st = r.get("stats") or {}
+        merges = (f"{st['merges']} ({st['early_merges']})" if "merges" in st else
+                  f"{st['resets']} resets" if "resets" in st else "-")
+        pk = peak_key(r)
+        lines.append(
+            f"| {r['optimizer']} | {r['lr']:g} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | "
+            f"{r['tokens_per_s']:.0f}{ratio(r, 'tokens_per_s')} | {r['step_ms']:.1f}{ratio(r, 'step_ms')} | "
+            f"{r['state_bytes'] / 2**20:.2f} MiB{ratio(r, 'state_bytes')} | "
+            f"{r[pk] / 2**20:.0f} MiB{ratio(r, pk)} | {_count(r['trainable'])}{ratio(r, 'trainable')} | {merges} | "
+            f"{'-' if r['spectrum_drift'] is None else format(r['spectrum_drift'], '.1e')} |")
+    return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """Validation loss against tokens, one curve per optimizer, into ``path`` (PNG). Returns False, with
+    nothing written, when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        tokens, losses = zip(*r["curve"])
+        ax.plot(tokens, losses, marker="o", markersize=3, label=f"{r['optimizer']} ({r['val_loss']:.3f})")
+    finite = [loss for r in rows for _, loss in r["curve"] if math.isfinite(loss)]
+    if finite:  # the untrained point sits far above the rest; keep the trained part readable
+        trained = [loss for r in rows for _, loss in r["curve"][1:] if math.isfinite(loss)] or finite
+        ax.set_ylim(min(trained) - 0.05, max(trained) + 0.1 * (max(trained) - min(trained) + 0.1))
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
