@@ -2,8 +2,9 @@
 
 ``call(name, *args)`` runs the kernel registered under ``name`` when its first tensor argument is a
 CUDA tensor of fp32/bf16/fp16 and triton is importable; otherwise the torch reference in
-``geomopt.geometry``. Kernels are opt-in for now (``GEOMOPT_KERNELS=1``): they have been checked
-against the references under Triton's interpreter, not yet measured on a GPU. Kernels
+``geomopt.geometry``. Kernels are opt-in (``GEOMOPT_KERNELS=1``): they match the references (under Triton's
+interpreter in CI, and compiled on an H100), but on the H100 most of them are slower than the torch
+references (BENCHMARKS.md, "Kernels and GPU"), so the references stay the default. Kernels
 register themselves from ``geomopt.kernels`` (loaded on the first CUDA call). The package imports and
 works with no triton installed.
 """
@@ -54,8 +55,8 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def kernels_enabled() -> bool:
-    """True when the environment sets GEOMOPT_KERNELS=1. Off by default: the kernels have been checked
-    against the references under Triton's interpreter only, not yet on a GPU."""
+    """True when the environment sets GEOMOPT_KERNELS=1. Off by default: measured on an H100, most
+    kernels are slower than the torch references (BENCHMARKS.md)."""
     return os.environ.get("GEOMOPT_KERNELS", "0") == "1"
 
 
