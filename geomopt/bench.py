@@ -25,6 +25,7 @@ import torch
 from . import data as corpus
 from .bench_report import plot, state_bytes, table, trainable_count
 from .grow import expand, parse_growth
+from .in_backward import step_in_backward
 from .init import normalized_gaussian_
 from .optim import POET, DLRAMomentum, ReLoRAReset
 from .optim.routing import build_param_groups
@@ -34,6 +35,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(hidden=128, layers=4, heads=4, intermediate=384, seq_len=128, batch=16, steps=300, eval_windows=32),
     "60m": dict(hidden=512, layers=8, heads=8, intermediate=1376, seq_len=256, batch=64, steps=2000, eval_windows=64),
 }
+
+IN_BACKWARD = "+bwd"  # optimizer-name suffix: step each weight inside backward (geomopt.step_in_backward)
 
 # name -> (constructor, default lr); the constructor takes (model, lr, args)
 OPTIMIZERS = {
@@ -97,9 +100,12 @@ def train_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         normalized_gaussian_(model, generator=torch.Generator().manual_seed(args.seed))
     linears = [p for g in build_param_groups(model) if g["factorize"] for p in g["params"]]
     sv0 = [torch.linalg.svdvals(w.detach().double()) for w in linears]
-    make, default_lr = OPTIMIZERS[name]
-    lr = getattr(args, f"lr_{name.replace('-', '_')}", None) or default_lr
+    base, in_bwd = name.removesuffix(IN_BACKWARD), name.endswith(IN_BACKWARD)
+    make, default_lr = OPTIMIZERS[base]
+    lr = getattr(args, f"lr_{base.replace('-', '_')}", None) or default_lr
     opt = make(model, lr, args)
+    if in_bwd:
+        step_in_backward(model, opt)  # loss.backward() steps each weight; opt.step() below finds no gradient
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.steps, max(1, args.steps // 10)))
@@ -138,7 +144,8 @@ def train_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         for w, s0 in zip(linears, sv0))
     row = dict(optimizer=name, lr=lr, val_loss=curve[-1][1], val_ppl=math.exp(curve[-1][1]),
                tokens_per_s=args.steps * args.batch * args.seq_len / train_time,
-               step_ms=1000 * step_time / args.steps, state_bytes=peak_state, peak_rss_bytes=peak, spectrum_drift=drift,
+               step_ms=None if in_bwd else 1000 * step_time / args.steps,
+               state_bytes=peak_state, peak_rss_bytes=peak, spectrum_drift=drift,
                curve=curve, stats=getattr(opt, "stats", {}), growth=grown, trainable=trainable_count(opt))
     if args.device.startswith("cuda"):
         row["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
@@ -197,7 +204,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="geomopt-bench", description=__doc__.split("\n")[0])
-    p.add_argument("--optimizers", default="adamw,poet", help=f"comma list of {','.join(OPTIMIZERS)}")
+    p.add_argument("--optimizers", default="adamw,poet",
+                   help=f"comma list of {','.join(OPTIMIZERS)}; NAME{IN_BACKWARD} steps inside backward "
+                        "(geomopt.step_in_backward)")
     p.add_argument("--preset", default="small", choices=sorted(PRESETS))
     for key in ("hidden", "layers", "heads", "intermediate", "seq_len", "batch", "steps", "eval_windows"):
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"override the preset's {key}")
@@ -239,7 +248,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tokens is not None:
         args.steps = -(-args.tokens // (args.batch * args.seq_len))
     args.optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
-    unknown = [o for o in args.optimizers if o not in OPTIMIZERS]
+    unknown = [o for o in args.optimizers if o.removesuffix(IN_BACKWARD) not in OPTIMIZERS]
     if unknown or not args.optimizers:
         p.error(f"--optimizers: unknown {unknown}; choose from {','.join(OPTIMIZERS)}")
     for key in ("hidden", "layers", "heads", "intermediate", "seq_len", "batch", "steps", "eval_windows"):

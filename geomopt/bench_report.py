@@ -61,7 +61,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     base = next((r for r in rows if r["optimizer"] == "adamw"), None)
 
     def ratio(r, key):
-        return f" ({r[key] / base[key]:.2f}x)" if base and base.get(key) else ""
+        return f" ({r[key] / base[key]:.2f}x)" if base and base.get(key) and r.get(key) is not None else ""
 
     mem = "peak CUDA memory" if rows and peak_key(rows[0]) == "peak_cuda_bytes" else "peak RSS"
     head = (f"| optimizer | lr | val loss | val ppl | tokens/s | step ms | optimizer state | {mem} "
@@ -74,11 +74,15 @@ def table(rows: list[dict[str, Any]]) -> str:
         pk = peak_key(r)
         lines.append(
             f"| {r['optimizer']} | {r['lr']:g} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | "
-            f"{r['tokens_per_s']:.0f}{ratio(r, 'tokens_per_s')} | {r['step_ms']:.1f}{ratio(r, 'step_ms')} | "
+            f"{r['tokens_per_s']:.0f}{ratio(r, 'tokens_per_s')} | {_ms(r)}{ratio(r, 'step_ms')} | "
             f"{r['state_bytes'] / 2**20:.2f} MiB{ratio(r, 'state_bytes')} | "
             f"{r[pk] / 2**20:.0f} MiB{ratio(r, pk)} | {_count(r['trainable'])}{ratio(r, 'trainable')} | {merges} | "
             f"{'-' if r['spectrum_drift'] is None else format(r['spectrum_drift'], '.1e')} |")
     return "\n".join(lines)
+
+
+def _ms(r: dict[str, Any]) -> str:
+    return "in backward" if r["step_ms"] is None else f"{r['step_ms']:.1f}"
 
 
 def _count(n: int) -> str:

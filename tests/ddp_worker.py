@@ -1,5 +1,6 @@
 """A DDP training run (gloo, CPU) for tests/test_distributed.py: every rank trains on its half of each global
-batch and saves its final parameters; with world size 1 it trains on the whole batch."""
+batch and saves its final parameters; with world size 1 it trains on the whole batch. Mode "in_backward":
+geomopt.step_in_backward on the DDP module, each rank's half in two micro-batches (the first under no_step)."""
 import os
 import sys
 
@@ -19,7 +20,7 @@ MAKERS = {
 }
 
 
-def main(rank: int, world: int, name: str, out: str, init_file: str) -> None:
+def main(rank: int, world: int, name: str, out: str, init_file: str, mode: str = "step") -> None:
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)  # the comparison with one process is to 1e-6: keep rounding out of it
     if world > 1:
@@ -30,12 +31,20 @@ def main(rank: int, world: int, name: str, out: str, init_file: str) -> None:
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     train, _ = load_corpus(max_bytes=100_000)
     gen = torch.Generator().manual_seed(0)
+    handle = geomopt.step_in_backward(net, opt) if mode == "in_backward" else None
     for _ in range(7):
         batch = sample_batch(train % 64, 8, 16, gen)
         part = batch.chunk(world)[rank]
-        opt.zero_grad()
-        net(part, labels=part).loss.backward()
-        opt.step()
+        if handle is None:
+            opt.zero_grad()
+            net(part, labels=part).loss.backward()
+            opt.step()
+            continue
+        first, last = part.chunk(2)
+        with handle.no_step():
+            (net(first, labels=first).loss / 2).backward()
+        (net(last, labels=last).loss / 2).backward()
+        assert all(p.grad is None for p in model.parameters()), "a gradient was left after the stepping backward"
     torch.save([p.detach() for p in model.parameters()], out)
     if world > 1:
         dist.barrier()
@@ -44,6 +53,6 @@ def main(rank: int, world: int, name: str, out: str, init_file: str) -> None:
 
 if __name__ == "__main__":
     rank, world, name, out, init_file = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
-    main(rank, world, name, out, init_file)
+    main(rank, world, name, out, init_file, *sys.argv[6:])
     sys.stdout.flush()
     os._exit(0)  # skip interpreter teardown: gloo's threads can abort it once the peer has gone

@@ -12,11 +12,12 @@ import torch
 WORKER = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
 
 
-def launch(world, name, tmp_path):
-    init = tmp_path / f"init-{name}-{world}"
-    outs = [tmp_path / f"{name}-{world}-rank{r}.pt" for r in range(world)]
+def launch(world, name, tmp_path, mode="step"):
+    init = tmp_path / f"init-{name}-{world}-{mode}"
+    outs = [tmp_path / f"{name}-{world}-{mode}-rank{r}.pt" for r in range(world)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, WORKER, str(r), str(world), name, str(outs[r]), str(init)], env=env,
+    procs = [subprocess.Popen([sys.executable, WORKER, str(r), str(world), name, str(outs[r]), str(init), mode],
+                              env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
     for p in procs:
         out, _ = p.communicate(timeout=300)
@@ -29,6 +30,19 @@ def test_ddp_ranks_agree_bitwise_and_match_one_process(name, tmp_path):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     rank0, rank1 = launch(2, name, tmp_path)
+    (single,) = launch(1, name, tmp_path)
+    for a, b, c in zip(rank0, rank1, single):
+        assert torch.equal(a, b)
+        assert float((a - c).norm() / c.norm().clamp_min(1e-12)) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["poet", "relora"])
+def test_step_in_backward_under_ddp_with_accumulation_matches_one_process(name, tmp_path):
+    """geomopt.step_in_backward on a DDP module, two micro-batches a step (the first under no_step): each
+    bucket is averaged, then stepped inside backward; equal to one process's ordinary step to 1e-6."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    rank0, rank1 = launch(2, name, tmp_path, "in_backward")
     (single,) = launch(1, name, tmp_path)
     for a, b, c in zip(rank0, rank1, single):
         assert torch.equal(a, b)
