@@ -119,6 +119,7 @@ def train_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         loss = next_token_loss(model, batch)
         loss.backward()
+        _sync(args.device)  # the step's time must not include the tail of the backward's GPU work
         t1 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
