@@ -1,6 +1,7 @@
 """An FSDP2 run (fully_shard, gloo, CPU) for tests/test_distributed.py: 7 steps on the global batch, with a
 distributed checkpoint after step 4 restored into a fresh model and optimizer; rank 0 saves the full final
-parameters of both the uninterrupted and the restored run."""
+parameters of both the uninterrupted and the restored run, the shapes of the DTensors the optimizer's steps
+gathered whole (``full_tensor``), and the local shapes of each routed weight's per-rank state."""
 import os
 import sys
 
@@ -15,6 +16,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(__file__))
 from ddp_worker import MAKERS  # noqa: E402
@@ -32,12 +34,27 @@ def build(name, mesh):
     return model, MAKERS[name](model)
 
 
+GATHERED = []
+
+
+def recording_full_tensor(original):
+    def full_tensor(self, *args, **kwargs):
+        GATHERED.append(tuple(self.shape))
+        return original(self, *args, **kwargs)
+    return full_tensor
+
+
 def steps(model, opt, batches, rank, world):
+    original = DTensor.full_tensor
     for batch in batches:
         part = batch.chunk(world)[rank]
         opt.zero_grad()
         model(part, labels=part).loss.backward()
-        opt.step()
+        DTensor.full_tensor = recording_full_tensor(original)
+        try:
+            opt.step()
+        finally:
+            DTensor.full_tensor = original
 
 
 def main(rank: int, world: int, name: str, out: str, init_file: str, ckpt: str) -> None:
@@ -53,6 +70,13 @@ def main(rank: int, world: int, name: str, out: str, init_file: str, ckpt: str) 
     dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=ckpt)
     steps(model, opt, batches[4:], rank, world)
     full = [p.full_tensor().detach() for p in model.parameters()]
+    local_state = {}  # the routed weights' row-sharded state: (key, local shape), e.g. ReLoRA's B, POET's w0
+    for p in model.parameters():
+        st = opt.state.get(p, {})
+        for key in ("B", "w0", "perm_row"):
+            if isinstance(st.get(key), DTensor):
+                local_state.setdefault(key, []).append((tuple(st[key].shape), tuple(st[key].to_local().shape)))
+    gathered = list(GATHERED)
 
     model2, opt2 = build(name, mesh)
     state = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)}
@@ -62,7 +86,8 @@ def main(rank: int, world: int, name: str, out: str, init_file: str, ckpt: str) 
     steps(model2, opt2, batches[4:], rank, world)
     restored = [p.full_tensor().detach() for p in model2.parameters()]
     if rank == 0:
-        torch.save({"full": full, "restored": restored}, out)
+        torch.save({"full": full, "restored": restored, "gathered": gathered, "local_state": local_state,
+                    "weights": [tuple(p.shape) for p in model.parameters() if p.dim() == 2]}, out)
     dist.barrier()
     dist.destroy_process_group()
 

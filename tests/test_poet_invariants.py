@@ -103,3 +103,43 @@ def test_explicit_merge_keeps_the_weight(float64):
     st = opt.state[lin.weight]
     assert torch.allclose(st["w0"], w, atol=1e-12) and all(q.abs().max() == 0 for q in st["q_row"] + st["q_col"])
     assert opt.stats["merges"] == 1
+
+
+@pytest.mark.parametrize("store_base", [True, False], ids=["paper", "lean"])
+@pytest.mark.parametrize("shape,parts", [((48, 40), 2), ((60, 20), 3), ((37, 29), 2)], ids=["2", "3", "odd-rows"])
+def test_row_shards_keep_every_row_block_inside_its_part(float64, store_base, shape, parts):
+    """row_shards=k (the permutation scope of a k-rank FSDP2 run): each row permutation maps every part of
+    m / k consecutive rows to itself, so no row block crosses a part; a row count that k does not divide keeps
+    one part. The step is still a rotation: the spectrum is preserved through merges."""
+    torch.manual_seed(0)
+    m, n = shape
+    lin = nn.Linear(n, m, bias=False)
+    sv0 = torch.linalg.svdvals(lin.weight.detach())
+    opt = geomopt.POET([("w", lin.weight)], lr=1e-2, block_size=8, exact_cayley=True, merge_every=4,
+                       store_base=store_base, row_shards=parts)
+    chunked = m % parts == 0
+    crossed = False
+    for _ in range(3):
+        train_linear(opt, lin, 4)
+        perm = opt.state[lin.weight]["perm_row"]
+        assert torch.equal(perm.sort().values, torch.arange(m))
+        inside = all(bool(((c >= i * (m // parts)) & (c < (i + 1) * (m // parts))).all())
+                     for i, c in enumerate(perm.chunk(parts)))
+        assert inside or not chunked
+        crossed |= not inside
+    assert crossed or chunked  # one part: the permutation is free to mix the halves (and does)
+    assert opt.stats["merges"] == 3
+    sv = torch.linalg.svdvals(lin.weight.detach())
+    assert ((sv - sv0).abs() / sv0).max() < 1e-5
+
+    def generators(d):  # b(b-1)/2 numbers per block of 8, and the ragged remainder's block
+        return (d // 8) * 28 + (d % 8) * (d % 8 - 1) // 2
+    want = parts * generators(m // parts) if chunked else generators(m)
+    assert sum(q.numel() for q in opt.state[lin.weight]["q_row"]) == want
+
+
+@pytest.mark.parametrize("value,exc", [(0, ValueError), (2.0, TypeError), ("2", TypeError), (True, TypeError)])
+def test_row_shards_is_validated(value, exc):
+    lin = nn.Linear(8, 8, bias=False)
+    with pytest.raises(exc, match="row_shards"):
+        geomopt.POET([("w", lin.weight)], block_size=4, row_shards=value)

@@ -16,6 +16,7 @@ import torch
 from torch.optim import Optimizer
 
 from .routing import build_param_groups, is_factorized
+from .sharded import gather, global_all, is_dtensor, scatter, to_local
 
 __all__ = ["FactorOptimizer", "COMMON_ARGS_DOC", "NONFINITE_POLICIES", "factor_dtype", "check_rank", "fill_args_doc"]
 
@@ -75,10 +76,6 @@ def _adam_first_state(t: torch.Tensor, amsgrad: bool) -> dict[str, Any]:
     if amsgrad:
         st["max_exp_avg_sq"] = zeros()
     return st
-
-
-def _is_dtensor(p: torch.Tensor) -> bool:
-    return type(p).__name__ == "DTensor" and hasattr(p, "full_tensor")
 
 
 def factor_dtype(p: torch.Tensor) -> torch.dtype:
@@ -188,7 +185,8 @@ class FactorOptimizer(Optimizer):
                 loss = closure()
         if self.nonfinite == "raise":  # check every group before any of them changes
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            bad = [g for g in grads if not bool(torch.isfinite(g).all())]
+            ok = global_all([torch.isfinite(to_local(g)).all() for g in grads], grads)
+            bad = [g for g, fine in zip(grads, ok) if not fine]
             if bad:
                 raise FloatingPointError(f"non-finite gradient in {len(bad)} parameter(s) (first of shape "
                                          f"{tuple(bad[0].shape)}); nothing was updated")
@@ -200,8 +198,9 @@ class FactorOptimizer(Optimizer):
             if not params:
                 continue
             sharded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-            if any(_is_dtensor(p) for p in params):
-                params, sharded = self._gather(params)
+            if any(is_dtensor(p) for p in params):  # FSDP2: step shards where the method can, else full copies
+                params, sharded = gather(self, params, lambda p: not is_factorized(p, group)
+                                         or self._steps_shard(p, group))
             try:
                 for p in params:
                     if p.grad.is_sparse:
@@ -216,12 +215,12 @@ class FactorOptimizer(Optimizer):
                         orig = sharded[id(p)][0] if id(p) in sharded else p
                         pos = next(i for i, q in enumerate(group["params"]) if q is orig)
                         self._init_factor_state(p, group, first_index + pos)
-                if group["lr"] == 0 and not any(bool(p.grad.any()) for p in params):
+                if group["lr"] == 0 and all(global_all([~to_local(p.grad).any() for p in params], params)):
                     for p in params:  # the AdamW-routed tensors get their (zero) state too, with step 0
                         if not is_factorized(p, group) and not self.state[p]:
                             self._init_dense_state(p)
                     continue  # lr = 0 and zero gradients: state exists now, nothing else changes
-                finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).tolist()
+                finite = global_all([torch.isfinite(to_local(p.grad)).all() for p in params], params)
                 if not all(finite):
                     bad = [p for p, ok in zip(params, finite) if not ok]  # "skip" ("raise" checked above)
                     group["nonfinite_skips"] = group.get("nonfinite_skips", 0) + len(bad)
@@ -234,42 +233,8 @@ class FactorOptimizer(Optimizer):
                     self._factor_step(group, fact)
             finally:
                 if sharded:
-                    self._scatter(sharded)
+                    scatter(self, sharded)
         return loss
-
-    def _gather(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
-        """DTensor parameters (FSDP2): step a full, replicated copy of each, identically on every rank.
-
-        The weight and its gradient are all-gathered (a collective every rank runs in the same order), the
-        state is re-keyed to the copy for the step and back afterwards; ``_scatter`` writes each rank's
-        shard. Correct and equal to the unsharded step, but the dense weight is gathered: communication-
-        and memory-optimal sharded steps are not implemented yet.
-        """
-        out, sharded = [], {}
-        for p in params:
-            if not _is_dtensor(p):
-                out.append(p)
-                continue
-            full = p.full_tensor().detach().clone()
-            full.grad = p.grad.full_tensor()
-            if p in self.state:
-                self.state[full] = self.state.pop(p)
-            sharded[id(full)] = (p, full)
-            out.append(full)
-        return out, sharded
-
-    def _scatter(self, sharded: dict) -> None:
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        for p, full in sharded.values():
-            if full in self.state:
-                self.state[p] = self.state.pop(full)
-            local = p.to_local()
-            shape, offset = compute_local_shape_and_global_offset(full.shape, p.device_mesh, p.placements)
-            if tuple(shape) != tuple(local.shape):
-                raise RuntimeError(f"shard of shape {tuple(local.shape)} does not match the computed "
-                                   f"{tuple(shape)} for placements {p.placements}")
-            local.copy_(full[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
 
     def _fresh_inner(self, factor: torch.Tensor) -> dict[str, Any]:
         """The inner optimizer's state for ``factor`` before its first step, when that state is known
@@ -326,6 +291,10 @@ class FactorOptimizer(Optimizer):
                 f.grad = None
 
     # ------------------------------------------------------------------ subclass hooks
+    def _steps_shard(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        """Whether factorized DTensor ``p`` steps on its local shard (else a full copy is gathered)."""
+        return False
+
     def _init_factor_state(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
         raise NotImplementedError
 

@@ -8,6 +8,7 @@ import torch
 from ..geometry import block_layout, block_sizes, skew_norm_bound, skew_size
 from ..geometry.dispatch import call
 from .base import FactorOptimizer, _check_number, factor_dtype, fill_args_doc
+from .sharded import all_reduce, like, local_state, put_back, reduce_over_meshes, row_shard, to_local
 
 __all__ = ["POETOptimizer", "POET"]
 
@@ -27,8 +28,19 @@ def _side_block(dim: int, group: dict[str, Any]) -> int:
     return b
 
 
-def _layout(state: dict[str, Any], side: str, dim: int, group: dict[str, Any]) -> list[torch.Tensor]:
-    return block_layout(state[f"perm_{side}"], _side_block(dim, group), group["mode"] == "fs")
+def _layout(perm: torch.Tensor, group: dict[str, Any], chunks: int = 1) -> list[torch.Tensor]:
+    """Index blocks of one side: ``perm`` cut into ``chunks`` equal consecutive parts, each blocked on its own
+    (the row permutation's scope; 1 = the whole side), the parts' blocks of one size concatenated."""
+    if chunks == 1:
+        return block_layout(perm, _side_block(perm.numel(), group), group["mode"] == "fs")
+    parts = [block_layout(c, _side_block(c.numel(), group), False) for c in perm.chunk(chunks)]
+    return [torch.cat(blocks) for blocks in zip(*parts)]
+
+
+def _sizes(dim: int, group: dict[str, Any], chunks: int = 1) -> list[tuple[int, int]]:
+    """[(blocks, b), ...] of a side of ``dim`` indices cut into ``chunks`` parts (see ``_layout``)."""
+    part = dim // chunks
+    return [(nb * chunks, b) for nb, b in block_sizes(part, _side_block(part, group), group["mode"] == "fs")]
 
 
 def _rotations(qs: list[torch.Tensor], idxs: list[torch.Tensor], terms: int | None) -> list[torch.Tensor]:
@@ -95,6 +107,11 @@ class POETOptimizer(FactorOptimizer):
         incrementally as W <- (D_new D_old^-1) W (E_old^-1 E_new) on the blocks (b x b inverses; for
         orthogonal blocks D^-1 = D^T), so it equals paper mode up to rounding for every k.
     max_q_norm: threshold of the safeguard above (``None`` turns it off).
+    row_shards: cut each row permutation into this many equal consecutive parts and block each part on
+        its own (weights whose rows it does not divide, and ``"fs"`` mode, keep one part). Default
+        (None): 1, and under FSDP2 the mesh size, so that no row block crosses a shard and the step needs
+        no gathered weight (see README, "Where it runs"). Pass the FSDP2 mesh size to a single-process
+        run to reproduce a sharded one.
 
     Example:
         >>> import torch, geomopt
@@ -111,14 +128,14 @@ class POETOptimizer(FactorOptimizer):
 
     def __init__(self, params: Any, lr: float = 1e-3, *, block_size: int | float | None = None, mode: str = "bs",
                  neumann_terms: int = 5, exact_cayley: bool = False, merge_every: int = 200,
-                 store_base: bool = True, max_q_norm: float | None = 0.5,
+                 store_base: bool = True, max_q_norm: float | None = 0.5, row_shards: int | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
                  inner: type = torch.optim.AdamW, inner_kwargs: dict[str, Any] | None = None,
                  seed: int = 0, nonfinite: str = "skip"):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, factorize=True,
                         block_size=block_size, mode=mode, neumann_terms=neumann_terms,
                         exact_cayley=exact_cayley, merge_every=merge_every, store_base=store_base,
-                        max_q_norm=max_q_norm)
+                        max_q_norm=max_q_norm, row_shards=row_shards)
         super().__init__(params, defaults, inner=inner, inner_kwargs=inner_kwargs, seed=seed, nonfinite=nonfinite)
 
     # ------------------------------------------------------------------ arguments
@@ -148,13 +165,52 @@ class POETOptimizer(FactorOptimizer):
                 raise TypeError(f"{key} must be a bool, got {group[key]!r}")
         if group["max_q_norm"] is not None:
             _check_number("max_q_norm", group["max_q_norm"], low=0.0, low_open=True)
+        if group["row_shards"] is not None:
+            _check_number("row_shards", group["row_shards"], low=1, integer=True)
+
+    # ------------------------------------------------------------------ where the row blocks live
+    def _chunks(self, p: torch.Tensor, group: dict[str, Any]) -> int:
+        """Parts the row permutation of ``p`` keeps to: ``row_shards`` (under FSDP2 by default the mesh size,
+        so that row blocks never cross a shard), or 1 where that does not divide the rows or in "fs" mode."""
+        if group["mode"] == "fs":
+            return 1
+        k = group["row_shards"]
+        if k is None:
+            shard = row_shard(p)
+            k = shard.world if shard is not None else 1
+        return k if p.shape[0] % k == 0 else 1
+
+    def _steps_shard(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        """A row-sharded weight whose row permutation keeps to its shard steps locally: row blocks, their
+        factors and W0's rows are local; the replicated column factors get all-reduced gradients."""
+        shard = row_shard(p)
+        return shard is not None and self._chunks(p, group) == shard.world
+
+    def _blocks(self, p: torch.Tensor, st: dict[str, Any], group: dict[str, Any]) -> tuple[Any, list, list]:
+        """(shard or None, row index blocks, column index blocks) of the rows this rank steps."""
+        shard = row_shard(p) if self._steps_shard(p, group) else None
+        perm_row = to_local(st["perm_row"])
+        if shard is not None:
+            rows = _layout(perm_row - shard.offset, group)
+        else:
+            rows = _layout(perm_row, group, self._chunks(p, group))
+        return shard, rows, _layout(st["perm_col"], group)
 
     # ------------------------------------------------------------------ state
-    def _draw_perms(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+    def _draw_perms(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         gen = self._generator(state)
         m, n = p.shape
-        state["perm_row"] = torch.randperm(m, generator=gen).to(p.device)
+        k = self._chunks(p, group)
+        if k == 1:
+            perm_row = torch.randperm(m, generator=gen)
+        else:  # every rank draws every part (the generators stay equal) and keeps its own
+            perm_row = torch.cat([c * (m // k) + torch.randperm(m // k, generator=gen) for c in range(k)])
         state["perm_col"] = torch.randperm(n, generator=gen).to(p.device)
+        perm_row = perm_row.to(p.device)
+        shard = row_shard(p) if self._steps_shard(p, group) else None
+        if shard is not None:
+            perm_row = like(perm_row[shard.offset: shard.offset + shard.rows], shard)
+        state["perm_row"] = perm_row
         state["rng"] = gen.get_state()
 
     def _init_factor_state(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
@@ -165,14 +221,19 @@ class POETOptimizer(FactorOptimizer):
 
     def _build_factors(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         """Permutations drawn for p's shape, zero skew factors with fresh inner state, W0 = p (paper mode)."""
-        self._draw_perms(p, state)
+        self._draw_perms(p, state, group)
         fdtype = factor_dtype(p)
+        shard = row_shard(p) if self._steps_shard(p, group) else None
         for side, dim in zip(_SIDES, p.shape):
-            sizes = block_sizes(dim, _side_block(dim, group), group["mode"] == "fs")
-            state[f"q_{side}"] = [torch.zeros(nb, skew_size(b), dtype=fdtype, device=p.device) for nb, b in sizes]
-            state[f"inner_{side}"] = [self._fresh_inner(q) for q in state[f"q_{side}"]]
+            chunks = self._chunks(p, group) if side == "row" else 1
+            qs = [torch.zeros(nb, skew_size(b), dtype=fdtype, device=p.device) for nb, b in _sizes(dim, group, chunks)]
+            if shard is not None and side == "row":  # this rank's row blocks: a DTensor sharded on blocks
+                qs = [like(q[: q.shape[0] // shard.world], shard) for q in qs]
+            state[f"q_{side}"] = qs
+            state[f"inner_{side}"] = [self._fresh_inner(q) for q in qs]
         if group["store_base"]:
-            state["w0"] = p.detach().to(fdtype, copy=True)
+            w0 = to_local(p).detach().to(fdtype, copy=True)
+            state["w0"] = w0 if shard is None else like(w0, shard)
 
     def _check_loaded_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         for key in ("perm_row", "perm_col", "rng", "q_row", "q_col", "inner_row", "inner_col"):
@@ -184,12 +245,13 @@ class POETOptimizer(FactorOptimizer):
             if not isinstance(perm, torch.Tensor) or perm.numel() != dim:
                 raise ValueError(f"perm_{side} of a {tuple(p.shape)} weight must have {dim} entries, "
                                  f"got {getattr(perm, 'shape', perm)}")
-            sizes = block_sizes(dim, _side_block(dim, group), group["mode"] == "fs")
+            chunks = self._chunks(p, group) if side == "row" else 1
             got = [tuple(q.shape) for q in state[f"q_{side}"]]
-            want = [(nb, skew_size(b)) for nb, b in sizes]
+            want = [(nb, skew_size(b)) for nb, b in _sizes(dim, group, chunks)]
             if got != want:
                 raise ValueError(f"q_{side} of a {tuple(p.shape)} weight has shapes {got}, block_size="
-                                 f"{group['block_size']} needs {want}: another model or block size")
+                                 f"{group['block_size']} and row_shards={group['row_shards']} need {want}: "
+                                 "another model, block size or row_shards")
         if group["store_base"] and tuple(state.get("w0", torch.empty(0)).shape) != tuple(p.shape):
             raise ValueError(f"w0 of a {tuple(p.shape)} weight is missing or has another shape")
 
@@ -199,13 +261,13 @@ class POETOptimizer(FactorOptimizer):
         store_base = group["store_base"]
         todo = []
         factors, inner_states = [], []
-        for p in params:
+        for p in params:  # a row-sharded weight (FSDP2) works on its local rows: every row tensor is local
             st = self.state[p]
-            m, n = p.shape
-            rows, cols = _layout(st, "row", m, group), _layout(st, "col", n, group)
+            shard, rows, cols = self._blocks(p, st, group)
             fdtype = factor_dtype(p)
-            g = p.grad.to(fdtype)
-            qs = st["q_row"] + st["q_col"]
+            g = to_local(p.grad).to(fdtype)
+            q_row = [to_local(q) for q in st["q_row"]]
+            qs = q_row + st["q_col"]
             with torch.enable_grad():
                 leaves = [q.detach().requires_grad_() for q in qs]
                 rots = _rotations(leaves, rows + cols, terms)
@@ -213,57 +275,70 @@ class POETOptimizer(FactorOptimizer):
             # M = W0 P = R^-1 W and N = R W0 = W P^-1 hold in both modes, so the gradients are taken from
             # W itself (DESIGN.md's lean formulas, with D^-T = D and E^-T = E for orthogonal blocks):
             # dL/dD_k = G[s_k] W[s_k]^T D_k^-T,  dL/dE_k = E_k^-T W[:, t_k]^T G[:, t_k]
-            w = p.detach().to(fdtype)
+            w = to_local(p).detach().to(fdtype)
             ds_inv, es_inv = [torch.linalg.inv(d) for d in ds], [torch.linalg.inv(e) for e in es]
             gd = [call("row_block_grad", g, w, idx) @ di.transpose(1, 2) for idx, di in zip(rows, ds_inv)]
             ge = [ei.transpose(1, 2) @ call("col_block_grad", w, g, idx) for idx, ei in zip(cols, es_inv)]
             ds, es = list(zip(ds, ds_inv)), list(zip(es, es_inv))
             with torch.enable_grad():
-                grads = torch.autograd.grad(rots, leaves, grad_outputs=gd + ge) if leaves else []
+                grads = list(torch.autograd.grad(rots, leaves, grad_outputs=gd + ge)) if leaves else []
+            if shard is not None and cols:  # a column block sums over every row: add the ranks' parts
+                col = grads[len(rows):]
+                flat = all_reduce(torch.cat([c.reshape(-1) for c in col]), shard)
+                grads[len(rows):] = [c.view_as(x) for c, x in zip(flat.split([x.numel() for x in col]), col)]
             for q, gq in zip(qs, grads):
                 q.grad = gq
+            inner_row = [local_state(s) for s in st["inner_row"]]
             factors += qs
-            inner_states += st["inner_row"] + st["inner_col"]
-            todo.append((p, st, rows, cols, ds, es))
+            inner_states += inner_row + st["inner_col"]
+            todo.append((p, st, shard, rows, cols, ds, es, q_row, inner_row))
         if factors:
             self._inner_step(group, factors, inner_states)
+        for p, st, shard, _, _, _, _, q_row, inner_row in todo:
+            for s, view, q in zip(st["inner_row"], inner_row, q_row):
+                put_back(s, view, shard, q.shape)
 
         flags = [False] * len(todo)
         limit = group["max_q_norm"]
         if limit is not None and terms is not None and factors:
             bounds = torch.stack([
                 torch.stack([skew_norm_bound(q, idx.shape[1]).amax() for q, idx in
-                             zip(st["q_row"] + st["q_col"], rows + cols)]).amax()
-                if rows + cols else torch.zeros((), device=p.device)
-                for p, st, rows, cols, _, _ in todo
+                             zip(q_row + st["q_col"], rows + cols)]).amax()
+                if rows + cols else torch.zeros((), device=to_local(p).device)
+                for p, st, _, rows, cols, _, _, q_row, _ in todo
             ])
+            sharded = [p if shard is not None else None for p, _, shard, *_ in todo]
+            if any(x is not None for x in sharded):  # a weight's row blocks are spread over its ranks
+                bounds = reduce_over_meshes(bounds, sharded, torch.distributed.ReduceOp.MAX)
             flags = (bounds > limit).tolist()
 
-        for (p, st, rows, cols, ds, es), early in zip(todo, flags):
+        for (p, st, shard, rows, cols, ds, es, q_row, _), early in zip(todo, flags):
             use = None if early else terms
-            new = _rotations(st["q_row"] + st["q_col"], rows + cols, use)
+            new = _rotations(q_row + st["q_col"], rows + cols, use)
             dn, en = new[: len(rows)], new[len(rows):]
             if store_base:
-                w_new = _apply(st["w0"], rows, dn, cols, en)
+                w_new = _apply(to_local(st["w0"]), rows, dn, cols, en)
             else:  # D_new D_old^-1 = I + (D_new - D_old) D_old^-1: exactly I when Q did not move
                 dr = [_eye_like(d) + (a - d) @ di for a, (d, di) in zip(dn, ds)]
                 dp = [_eye_like(e) + ei @ (a - e) for a, (e, ei) in zip(en, es)]
-                w_new = _apply(p.detach().to(factor_dtype(p)), rows, dr, cols, dp)
-            p.copy_(w_new)
+                w_new = _apply(to_local(p).detach().to(factor_dtype(p)), rows, dr, cols, dp)
+            to_local(p).copy_(w_new)
             st["step"] += 1
             st["since_merge"] += 1
             if early or st["since_merge"] >= group["merge_every"]:
-                self._merge(p, st, w_new if store_base else None, early)
+                w_keep = None if not store_base else w_new if shard is None else like(w_new, shard)
+                self._merge(p, st, group, w_keep, early)
 
-    def _merge(self, p: torch.Tensor, state: dict[str, Any], w_new: torch.Tensor | None, early: bool) -> None:
+    def _merge(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], w_new: torch.Tensor | None,
+               early: bool) -> None:
         """Merge-then-reinitialize: W0 <- R W0 P, Q <- 0, inner state reset, new permutations."""
         if w_new is not None:
             state["w0"] = w_new
         for side in _SIDES:
             for q, s in zip(state[f"q_{side}"], state[f"inner_{side}"]):
-                q.zero_()
+                to_local(q).zero_()
                 self._reset_inner(s, q)
-        self._draw_perms(p, state)
+        self._draw_perms(p, state, group)
         state["since_merge"] = 0
         state["merges"] += 1
         if early:
@@ -281,11 +356,11 @@ class POETOptimizer(FactorOptimizer):
                     continue
                 w_new = None
                 if group["store_base"]:  # recompute in the factor dtype: no rounding through a bf16 W
-                    m, n = p.shape
-                    rows, cols = _layout(st, "row", m, group), _layout(st, "col", n, group)
-                    rots = _rotations(st["q_row"] + st["q_col"], rows + cols, terms)
-                    w_new = _apply(st["w0"], rows, rots[: len(rows)], cols, rots[len(rows):])
-                self._merge(p, st, w_new, False)
+                    shard, rows, cols = self._blocks(p, st, group)
+                    rots = _rotations([to_local(q) for q in st["q_row"]] + st["q_col"], rows + cols, terms)
+                    w_new = _apply(to_local(st["w0"]), rows, rots[: len(rows)], cols, rots[len(rows):])
+                    w_new = w_new if shard is None else like(w_new, shard)
+                self._merge(p, st, group, w_new, False)
 
 
 POET = POETOptimizer

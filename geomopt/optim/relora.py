@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from .base import FactorOptimizer, _check_number, check_rank, factor_dtype, fill_args_doc
+from .sharded import all_reduce, is_dtensor, like, local_state, put_back, row_shard, to_local
 
 __all__ = ["ReLoRAReset", "PRUNE_MODES", "prune_state_"]
 
@@ -27,6 +28,8 @@ def prune_state_(state: dict[str, Any], like: torch.Tensor, prune_ratio: float, 
     update would be m / eps). ``"magnitude"`` keeps the ceil((1 - p) n) entries of largest
     |exp_avg| (or of the first such tensor when there is no exp_avg); ``"random"`` keeps as many
     entries drawn from ``generator``; ``"reset"`` empties the state. Scalars (``step``) are kept.
+    Row-sharded moments (DTensors, FSDP2) get the mask of the whole factor, so the result is the same as
+    unsharded: the score (m x r for B) is all-gathered, the factor itself never.
     """
     if mode == "reset":
         state.clear()
@@ -37,15 +40,19 @@ def prune_state_(state: dict[str, Any], like: torch.Tensor, prune_ratio: float, 
     n = like.numel()
     keep = keep_count(n, prune_ratio)
     if mode == "magnitude":
-        score = moments.get("exp_avg", next(iter(moments.values()))).abs().flatten()
+        score = moments.get("exp_avg", next(iter(moments.values())))
+        score = (score.full_tensor() if is_dtensor(score) else score).abs().flatten()
         idx = torch.topk(score.float(), keep, sorted=False).indices
     else:
         idx = torch.randperm(n, generator=generator)[:keep].to(like.device)
     mask = torch.zeros(n, dtype=torch.bool, device=like.device)
     mask[idx] = True
     mask = mask.view(like.shape)
+    shard = row_shard(like)
+    if shard is not None:
+        mask = mask[shard.offset: shard.offset + shard.rows]
     for v in moments.values():
-        v.mul_(mask)
+        to_local(v).mul_(mask)
 
 
 @fill_args_doc
@@ -139,7 +146,11 @@ class ReLoRAReset(FactorOptimizer):
         state.pop("inner_full", None)
         r = group["rank"]
         state["A"] = self._draw_a(p, state, r)
-        state["B"] = torch.zeros(p.shape[0], r, dtype=factor_dtype(p), device=p.device)
+        shard = row_shard(p)
+        if shard is None:
+            state["B"] = torch.zeros(p.shape[0], r, dtype=factor_dtype(p), device=p.device)
+        else:  # FSDP2: B's rows live with W's rows; A is replicated
+            state["B"] = like(torch.zeros(shard.rows, r, dtype=factor_dtype(p), device=p.device), shard)
         state["inner_A"], state["inner_B"] = self._fresh_inner(state["A"]), self._fresh_inner(state["B"])
 
     def _check_loaded_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
@@ -155,6 +166,11 @@ class ReLoRAReset(FactorOptimizer):
                                  f"{tuple(state['B'].shape)}; rank={r} needs {(r, n)}, {(m, r)}")
 
     # ------------------------------------------------------------------ step
+    def _steps_shard(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        """Row-sharded weights step locally: dL/dB = s G A^T needs local rows only; dL/dA = s B^T G is
+        all-reduced (r x n); W += s (B' A' - B A) is local again."""
+        return row_shard(p) is not None
+
     def _lr_scale(self, state: dict[str, Any], group: dict[str, Any]) -> float:
         warm = group["restart_warmup_steps"]
         if not state["restarted"] or warm == 0:
@@ -176,22 +192,29 @@ class ReLoRAReset(FactorOptimizer):
         s = group["alpha"] / group["rank"]
         by_scale: dict[float, tuple[list, list]] = {}
         old = []
+        locals_ = []  # FSDP2 shards: B, its inner state and W are the local rows (views of the DTensors)
         for p in low:
             st = self.state[p]
-            g = p.grad.to(st["A"].dtype)
-            a, b = st["A"], st["B"]
+            g = to_local(p.grad).to(st["A"].dtype)
+            a, b = st["A"], to_local(st["B"])
+            inner_b = local_state(st["inner_B"])
+            locals_.append((b, inner_b))
             old.append(b @ a)
             b.grad = s * (g @ a.T)
             a.grad = s * (b.T @ g)
+            shard = row_shard(p)
+            if shard is not None:
+                all_reduce(a.grad, shard)
             factors, states = by_scale.setdefault(self._lr_scale(st, group), ([], []))
             factors += [a, b]
-            states += [st["inner_A"], st["inner_B"]]
+            states += [st["inner_A"], inner_b]
         for scale, (factors, states) in by_scale.items():
             self._inner_step(group, factors, states, lr_scale=scale)
-        for p, ba_old in zip(low, old):
+        for p, ba_old, (b, inner_b) in zip(low, old, locals_):
             st = self.state[p]
-            delta = (st["B"] @ st["A"] - ba_old).mul_(s)
-            p.add_(delta.to(p.dtype))
+            put_back(st["inner_B"], inner_b, row_shard(p), b.shape)
+            delta = (b @ st["A"] - ba_old).mul_(s)
+            to_local(p).add_(delta.to(p.dtype))
             st["step"] += 1
             st["cycle_step"] += 1
             if st["cycle_step"] >= group["reset_every"]:
@@ -207,7 +230,7 @@ class ReLoRAReset(FactorOptimizer):
                 prune_state_(state[f"inner_{name}"], state[name], group["prune_ratio"], group["prune"], gen)
         state["rng"] = gen.get_state()
         state["A"].copy_(self._draw_a(p, state, group["rank"]))
-        state["B"].zero_()
+        to_local(state["B"]).zero_()
         state["cycle_step"] = 0
         state["resets"] += 1
         state["restarted"] = True
