@@ -34,12 +34,13 @@ def build(name, mesh):
     return model, MAKERS[name](model)
 
 
-GATHERED = []
+STEPS = [0]  # optimizer steps taken in this process (both runs)
+GATHERED = []  # (index of the optimizer step, shape) of every DTensor a step gathered whole
 
 
-def recording_full_tensor(original):
+def recording_full_tensor(original, step):
     def full_tensor(self, *args, **kwargs):
-        GATHERED.append(tuple(self.shape))
+        GATHERED.append((step, tuple(self.shape)))
         return original(self, *args, **kwargs)
     return full_tensor
 
@@ -50,11 +51,12 @@ def steps(model, opt, batches, rank, world):
         part = batch.chunk(world)[rank]
         opt.zero_grad()
         model(part, labels=part).loss.backward()
-        DTensor.full_tensor = recording_full_tensor(original)
+        DTensor.full_tensor = recording_full_tensor(original, STEPS[0])
         try:
             opt.step()
         finally:
             DTensor.full_tensor = original
+            STEPS[0] += 1
 
 
 def main(rank: int, world: int, name: str, out: str, init_file: str, ckpt: str) -> None:
@@ -73,7 +75,7 @@ def main(rank: int, world: int, name: str, out: str, init_file: str, ckpt: str) 
     local_state = {}  # the routed weights' row-sharded state: (key, local shape), e.g. ReLoRA's B, POET's w0
     for p in model.parameters():
         st = opt.state.get(p, {})
-        for key in ("B", "w0", "perm_row"):
+        for key in ("B", "w0", "U", "perm_row"):
             if isinstance(st.get(key), DTensor):
                 local_state.setdefault(key, []).append((tuple(st[key].shape), tuple(st[key].to_local().shape)))
     gathered = list(GATHERED)

@@ -3,8 +3,15 @@
 A tangent vector at W = U S V^T is stored in factored coordinates (xs, xu, xv):
     xi = U xs V^T + xu V^T + U xv^T,   U^T xu = 0,   V^T xv = 0
 (xs: r x r, xu: m x r, xv: n x r), so nothing m x n is formed except the dense gradient itself.
+
+Row-sharded use (FSDP2): U, xu and G may be this rank's rows only, V and S replicated. Every product that
+sums over the m rows then goes through ``reduce`` (an all-reduce sum; by default nothing), and the QR of the
+tall [U, xu] through ``row_qr`` (a TSQR), so no m x n or m x r tensor is ever gathered.
 """
 from __future__ import annotations
+
+import functools
+from typing import Callable
 
 import torch
 
@@ -14,14 +21,19 @@ __all__ = ["tangent_project", "tangent_to_dense", "transport", "retract", "trunc
            "stabilize"]
 
 Tangent = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
-def tangent_project(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> Tangent:
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def tangent_project(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, reduce: Reduce = _same) -> Tangent:
     """P_W(G) = U U^T G + G V V^T - U U^T G V V^T in coordinates: (U^T G V, (I - UU^T) G V, (I - VV^T) G^T U)."""
     gv = g @ v
-    xs = u.T @ gv
+    xs = reduce(u.T @ gv)
     xu = gv - u @ xs
-    xv = g.T @ u - v @ xs.T
+    xv = reduce(g.T @ u) - v @ xs.T
     return xs, xu, xv
 
 
@@ -31,17 +43,18 @@ def tangent_to_dense(u: torch.Tensor, v: torch.Tensor, xi: Tangent) -> torch.Ten
     return u @ xs @ v.T + xu @ v.T + u @ xv.T
 
 
-def transport(u: torch.Tensor, v: torch.Tensor, u_new: torch.Tensor, v_new: torch.Tensor, xi: Tangent) -> Tangent:
+def transport(u: torch.Tensor, v: torch.Tensor, u_new: torch.Tensor, v_new: torch.Tensor, xi: Tangent,
+              reduce: Reduce = _same) -> Tangent:
     """Projection transport: P_{W_new}(xi) for a tangent vector xi at W, in the new coordinates.
 
     O((m + n) r^2); the ranks of W and W_new may differ.
     """
     xs, xu, xv = xi
-    a = u_new.T @ u  # r' x r
+    a = reduce(u_new.T @ u)  # r' x r
     b = v.T @ v_new  # r x r'
     xi_v = u @ (xs @ b) + xu @ b + u @ (xv.T @ v_new)  # xi V'      (m x r')
-    xi_u = v @ (xs.T @ a.T) + v @ (xu.T @ u_new) + xv @ a.T  # xi^T U'  (n x r')
-    s_new = u_new.T @ xi_v
+    xi_u = v @ (xs.T @ a.T) + v @ reduce(xu.T @ u_new) + xv @ a.T  # xi^T U'  (n x r')
+    s_new = reduce(u_new.T @ xi_v)
     return s_new, xi_v - u_new @ s_new, xi_u - v_new @ s_new.T
 
 
@@ -57,7 +70,8 @@ def truncation_rank(sigma: torch.Tensor, rank: int, rank_tol: float | None, min_
 
 
 def retract(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, xi: Tangent, step: float, *, rank: int,
-            rank_tol: float | None = None, min_rank: int = 1, max_rank: int | None = None) -> Tangent:
+            rank_tol: float | None = None, min_rank: int = 1, max_rank: int | None = None,
+            row_qr: Callable | None = None) -> Tangent:
     """Metric-projection retraction of W - step * xi onto the low-rank manifold.
 
     W - step xi = [U, xu] C [V, xv]^T with C = [[S - step xs, -step I], [-step I, 0]]; QR of the
@@ -66,7 +80,7 @@ def retract(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, xi: Tangent, step
     """
     xs, xu, xv = xi
     r = s.shape[0]
-    qu, ru = call("tall_qr", torch.cat([u, xu], dim=1))
+    qu, ru = (row_qr or functools.partial(call, "tall_qr"))(torch.cat([u, xu], dim=1))
     qv, rv = call("tall_qr", torch.cat([v, xv], dim=1))
     eye = torch.eye(r, dtype=s.dtype, device=s.device)
     core = torch.cat([torch.cat([s - step * xs, -step * eye], 1),
@@ -93,8 +107,8 @@ def check_point(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, tol: float = 
     return (reason is None, reason) if explain else reason is None
 
 
-def stabilize(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> Tangent:
+def stabilize(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, row_qr: Callable | None = None) -> Tangent:
     """Re-orthonormalize U and V against numerical drift (QR), absorbing R factors into S: same W."""
-    qu, ru = call("tall_qr", u)
+    qu, ru = (row_qr or functools.partial(call, "tall_qr"))(u)
     qv, rv = call("tall_qr", v)
     return qu, ru @ s @ rv.T, qv

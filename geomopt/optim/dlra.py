@@ -7,6 +7,7 @@ import torch
 
 from ..geometry.lowrank import retract, stabilize, tangent_project, transport
 from .base import FactorOptimizer, _check_number, check_rank, factor_dtype, fill_args_doc
+from .sharded import all_reduce, like, row_shard, to_local, tsqr
 
 __all__ = ["DLRAMomentum", "METHODS"]
 
@@ -91,13 +92,22 @@ class DLRAMomentum(FactorOptimizer):
         _check_number("stabilize_every", group["stabilize_every"], low=0, integer=True)
 
     # ------------------------------------------------------------------ state
+    def _steps_shard(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        """Row-sharded weights keep U's rows local (V, S replicated); see ``geometry.lowrank``."""
+        return row_shard(p) is not None
+
     def _init_factor_state(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
         st = self.state[p]
         r = group["rank"]
-        u, sigma, vh = torch.linalg.svd(p.detach().to(factor_dtype(p)), full_matrices=False)
-        st.update(step=0, U=u[:, :r].contiguous(), S=torch.diag(sigma[:r]), V=vh[:r].T.contiguous())
+        shard = row_shard(p)
+        w = p.full_tensor() if shard is not None else p  # FSDP2: the one gather, for the starting SVD
+        u, sigma, vh = torch.linalg.svd(w.detach().to(factor_dtype(p)), full_matrices=False)
+        u = u[:, :r] if shard is None else u[shard.offset: shard.offset + shard.rows, :r]
+        st.update(step=0, U=u.contiguous(), S=torch.diag(sigma[:r]), V=vh[:r].T.contiguous())
         zeros = [torch.zeros(r, r, dtype=u.dtype, device=u.device), torch.zeros_like(st["U"]),
                  torch.zeros_like(st["V"])]
+        if shard is not None:
+            st["U"], zeros[1] = like(st["U"], shard), like(zeros[1], shard)
         st["exp_avg"] = zeros
         if group["method"] == "adam":
             st["exp_avg_sq"] = torch.zeros(3, dtype=u.dtype, device=u.device)  # one per block: S, U, V parts
@@ -118,29 +128,40 @@ class DLRAMomentum(FactorOptimizer):
         lr, beta, adam = group["lr"], group["momentum"], group["method"] == "adam"
         for p in params:
             st = self.state[p]
-            u, s, v = st["U"], st["S"], st["V"]
-            xi = tangent_project(u, v, p.grad.to(u.dtype))
+            shard = row_shard(p)  # FSDP2: U, xu and the gradient are this rank's rows
+            reduce = (lambda t: all_reduce(t, shard)) if shard is not None else (lambda t: t)
+            row_qr = (lambda x: tsqr(x, shard)) if shard is not None else None
+            u, s, v = to_local(st["U"]), st["S"], st["V"]
+            exp_avg = [to_local(x) for x in st["exp_avg"]]
+            xi = tangent_project(u, v, to_local(p.grad).to(u.dtype), reduce)
             st["step"] += 1
             if adam:
                 t, b2, eps = st["step"], group["beta2"], group["eps"]
-                m = [mi.mul_(beta).add_(x, alpha=1 - beta) for mi, x in zip(st["exp_avg"], xi)]
-                sq = st["exp_avg_sq"].mul_(b2).add_(torch.stack([x.square().mean() for x in xi]), alpha=1 - b2)
+                m = [mi.mul_(beta).add_(x, alpha=1 - beta) for mi, x in zip(exp_avg, xi)]
+                means = torch.stack([x.square().sum() for x in xi])
+                means[1] = reduce(means[1:2].clone())[0]  # xu's rows are spread over the ranks
+                means /= torch.tensor([xi[0].numel(), p.shape[0] * xi[1].shape[1], xi[2].numel()], dtype=means.dtype,
+                                      device=means.device)
+                sq = st["exp_avg_sq"].mul_(b2).add_(means, alpha=1 - b2)
                 c1, c2 = 1 - beta**t, 1 - b2**t
                 denom = (sq / c2).sqrt().add_(eps)
                 direction = tuple((mi / c1) / denom[i] for i, mi in enumerate(m))  # a scalar per block: still tangent
             else:
-                direction = tuple(mi.mul_(beta).add_(x) for mi, x in zip(st["exp_avg"], xi))
+                direction = tuple(mi.mul_(beta).add_(x) for mi, x in zip(exp_avg, xi))
             if lr == 0:  # nothing moves (a schedule at zero): skip the retraction and its rounding
                 continue
             r = s.shape[0]
             max_rank = group["max_rank"] if group["max_rank"] is not None else 2 * r
             u2, s2, v2 = retract(u, s, v, direction, lr, rank=r, rank_tol=group["rank_tol"],
-                                 min_rank=group["min_rank"], max_rank=min(max_rank, *p.shape))
+                                 min_rank=group["min_rank"], max_rank=min(max_rank, *p.shape), row_qr=row_qr)
             if group["stabilize_every"] and st["step"] % group["stabilize_every"] == 0:
-                u2, s2, v2 = stabilize(u2, s2, v2)
-            st["exp_avg"] = list(transport(u, v, u2, v2, tuple(st["exp_avg"])))
+                u2, s2, v2 = stabilize(u2, s2, v2, row_qr=row_qr)
+            exp_avg = list(transport(u, v, u2, v2, tuple(exp_avg), reduce))
+            to_local(p).copy_((u2 @ s2 @ v2.T).to(p.dtype))
+            if shard is not None:
+                u2, exp_avg[1] = like(u2, shard), like(exp_avg[1], shard)
+            st["exp_avg"] = exp_avg
             st["U"], st["S"], st["V"] = u2, s2, v2
-            p.copy_((u2 @ s2 @ v2.T).to(p.dtype))
 
     @property
     def ranks(self) -> list[int]:

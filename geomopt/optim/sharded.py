@@ -3,10 +3,12 @@ they need, and the full-weight fallback for the others.
 
 FSDP2 (``fully_shard``) gives every parameter as a DTensor sharded on its rows (``Shard(0)``) over a 1-D mesh.
 A method steps such a weight on its local rows when its factors split the same way (ReLoRA: B's rows; POET:
-row blocks inside the shard); the only communication is then an all-reduce of the replicated factors'
-gradients (r x n for ReLoRA's A, b(b-1)/2 per column block for POET) and of a few flags. Every other case
-(another placement, a 2-D mesh, rows that do not divide evenly, DLRA) all-gathers the weight and steps a
+row blocks inside the shard; DLRA: U's rows); the only communication is then an all-reduce of the replicated
+factors' gradients (r x n for ReLoRA's A, b(b-1)/2 per column block for POET) and of a few flags. Every other case
+(another placement, a 2-D mesh, rows that do not divide evenly) all-gathers the weight and steps a
 replicated full copy (``gather`` / ``scatter``): correct, but the dense weight is materialized on every rank.
+DLRA keeps U's rows local and all-reduces the r x r, n x r and 2r x 2r products that sum over rows (``tsqr``
+for the retraction's QR); it gathers a weight once, for the SVD that starts its factors.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["is_dtensor", "RowShard", "row_shard", "all_reduce", "reduce_over_meshes", "global_all", "gather",
-           "scatter", "to_local", "like", "local_state", "put_back"]
+           "scatter", "to_local", "like", "local_state", "put_back", "tsqr"]
 
 
 def is_dtensor(p: Any) -> bool:
@@ -96,6 +98,21 @@ def global_all(flags: list[torch.Tensor], params: list[torch.Tensor]) -> list[bo
     if any(is_dtensor(p) for p in params):
         out = reduce_over_meshes(out, params, dist.ReduceOp.MIN)
     return [bool(v) for v in out.tolist()]
+
+
+def tsqr(x: torch.Tensor, shard: RowShard) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin QR of a row-sharded tall matrix (this rank's rows ``x``): QR of the local rows, all-gather of the
+    small R factors (c x c each), QR of their stack; signs fixed so that diag(R) >= 0, as
+    ``geometry.tall_qr`` does (so for full column rank both give the same factors up to rounding)."""
+    work = x if x.dtype.itemsize > 2 else x.float()
+    q_local, r_local = torch.linalg.qr(work)
+    parts = [torch.empty_like(r_local) for _ in range(shard.world)]
+    dist.all_gather(parts, r_local.contiguous(), group=shard.group)
+    q_stack, r = torch.linalg.qr(torch.cat(parts))
+    sign = torch.where(r.diagonal() < 0, -1.0, 1.0).to(r.dtype)
+    k = r_local.shape[0]
+    q = (q_local @ q_stack[shard.rank * k: (shard.rank + 1) * k]) * sign
+    return q.to(x.dtype), (r * sign.unsqueeze(-1)).to(x.dtype)
 
 
 def local_state(state: dict[str, Any]) -> dict[str, Any]:
