@@ -23,7 +23,7 @@ OPTIMIZERS = {
     "dlra-adaptive": (geomopt.DLRAMomentum, dict(lr=5e-2, rank=2, rank_tol=0.05, max_rank=5, stabilize_every=3)),
 }
 # a state key that only a factorized parameter has, per optimizer class
-FACTOR_KEY = {geomopt.POET: "perm_row", geomopt.ReLoRAReset: "rng", geomopt.DLRAMomentum: "U"}
+FACTOR_KEY = {geomopt.POET: "perm_row", geomopt.ReLoRAReset: "draws", geomopt.DLRAMomentum: "U"}
 # the stat that counts merges / resets, per optimizer class (None: the method has no cycles)
 CYCLE_STAT = {geomopt.POET: "merges", geomopt.ReLoRAReset: "resets", geomopt.DLRAMomentum: None}
 IDS = list(OPTIMIZERS)

@@ -179,18 +179,30 @@ def test_in_optimizer_rewarm_follows_the_reset_clock():
 
 
 def test_state_memory_is_three_r_m_plus_n_floats():
+    """The issue's bound: ReLoRA's state is 3 r (m + n) / (2 m n) of AdamW's. Its tensors are A, B and their two
+    Adam moments (exactly 3 r (m + n) floats) and the two moments' step counters; no generator state."""
     m, n, r = 48, 40, 4
     lin = nn.Linear(n, m, bias=False)
-    opt = geomopt.ReLoRAReset([("w", lin.weight)], lr=1e-3, rank=r)
+    opt = geomopt.ReLoRAReset([("w", lin.weight)], lr=1e-3, rank=r, reset_every=2)
     for _ in range(3):
         lin.weight.grad = torch.randn(m, n)
         opt.step()
+    assert opt.stats["resets"] == 1
     st = opt.state[lin.weight]
     floats = [st["A"], st["B"]] + [v for k in ("inner_A", "inner_B") for v in st[k].values()
                                    if isinstance(v, torch.Tensor) and v.numel() > 1]
     assert sum(t.numel() for t in floats) == 3 * r * (m + n)
-    total = sum(v.numel() * v.element_size() for v in [*floats, st["rng"]])
-    assert total - st["rng"].numel() == 3 * r * (m + n) * 4  # fp32, plus the generator state
+
+    def tensor_bytes(v):
+        if isinstance(v, torch.Tensor):
+            return v.numel() * v.element_size()
+        return sum(map(tensor_bytes, v.values() if isinstance(v, dict) else v)) if isinstance(v, (dict, list)) else 0
+
+    adamw = torch.optim.AdamW([lin.weight])
+    adamw.step()
+    bound = 3 * r * (m + n) / (2 * m * n) * tensor_bytes(adamw.state[lin.weight])
+    assert tensor_bytes(st) == 3 * r * (m + n) * 4 + 2 * 4  # fp32 floats and two 4-byte step counters
+    assert tensor_bytes(st) <= bound + 8  # the bound up to the second step counter
 
 
 @pytest.mark.parametrize("kwargs,pattern", [

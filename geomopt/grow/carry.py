@@ -57,7 +57,7 @@ def carry(optimizer: Any, growth: Growth, model: torch.nn.Module) -> None:
         group = _group_of(optimizer, r.param)
         if isinstance(optimizer, POETOptimizer) and "perm_row" in st:
             _poet(optimizer, r, st, group)
-        elif isinstance(optimizer, ReLoRAReset) and "rng" in st:
+        elif isinstance(optimizer, ReLoRAReset) and "draws" in st:
             _relora(optimizer, r, st)
         elif isinstance(optimizer, DLRAMomentum) and "U" in st:
             _dlra(r, st, growth)
@@ -106,7 +106,7 @@ def _relora(opt: ReLoRAReset, r: Resize, st: dict[str, Any]) -> None:
     m, n = p.shape
     if "A" in st:
         a, b = st["A"], st["B"]
-        fresh = opt._draw_a(p, st, a.shape[0])  # new columns of A drawn like a fresh A, from its generator
+        fresh = opt._draw_a(p, st, a.shape[0])  # new columns of A drawn like a fresh A, from its seed
         st["A"] = _pad_dim(a, 1, r.maps[1], n, fresh)
         st["B"] = _pad_dim(b, 0, r.maps[0], m)
         for key, dim, size in (("inner_A", 1, n), ("inner_B", 0, m)):

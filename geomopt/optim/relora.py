@@ -67,11 +67,12 @@ class ReLoRAReset(FactorOptimizer):
     The inner optimizer updates A, B and the weight is rewritten in place,
     :math:`W \leftarrow W + s\,(B' A' - B A)`: no dense copy of :math:`W_{start}` is kept. Every
     ``reset_every`` steps of a cycle (the paper's merge-and-reinit): A is redrawn (Kaiming uniform,
-    a = sqrt 5, from the parameter's saved generator), B <- 0 (the official code zeroes both, so nothing
-    trains until the next reset; here B alone is zeroed), and the inner state of A and B is pruned
-    (``prune_ratio`` per tensor, one mask shared by a factor's moments). After each reset the factors'
-    lr is scaled from 0 back to 1 over ``restart_warmup_steps`` inside the optimizer, so any ordinary
-    scheduler works unchanged (with ``geomopt.schedules.jagged_cosine`` set it to 0).
+    a = sqrt 5, from a generator seeded by the weight's seed and its count of draws), B <- 0 (the
+    official code zeroes both, so nothing trains until the next reset; here B alone is zeroed), and the
+    inner state of A and B is pruned (``prune_ratio`` per tensor, one mask shared by a factor's
+    moments). After each reset the factors' lr is scaled from 0 back to 1 over
+    ``restart_warmup_steps`` inside the optimizer, so any ordinary scheduler works unchanged (with
+    ``geomopt.schedules.jagged_cosine`` set it to 0).
 
     Differences from module LoRA: there is no LoRA dropout and the forward stays dense (W is a plain
     weight), so there are no compute savings in the forward; the optimizer-state saving is the point.
@@ -125,18 +126,24 @@ class ReLoRAReset(FactorOptimizer):
         _check_number("restart_warmup_steps", group["restart_warmup_steps"], low=0, integer=True)
 
     # ------------------------------------------------------------------ state
+    @staticmethod
+    def _next_generator(state: dict[str, Any]) -> torch.Generator:
+        """A generator for the weight's next draw, seeded from its seed and the count of earlier draws: the
+        state holds two ints instead of a generator's state (5 KB), and every rank and resumed run draws
+        the same."""
+        seed = (state["seed"] * 0x9E3779B97F4A7C15 + state["draws"] * 0xBF58476D1CE4E5B9 + 1) % (2**63 - 1)
+        state["draws"] += 1
+        return torch.Generator().manual_seed(seed)
+
     def _draw_a(self, p: torch.Tensor, state: dict[str, Any], rank: int) -> torch.Tensor:
         """Kaiming uniform with a = sqrt(5) on an (r x n) matrix: U(-1/sqrt(n), 1/sqrt(n))."""
-        gen = self._generator(state)
         n = p.shape[1]
-        a = (torch.rand(rank, n, generator=gen, dtype=torch.float64) * 2 - 1) / math.sqrt(n)
-        state["rng"] = gen.get_state()
+        a = (torch.rand(rank, n, generator=self._next_generator(state), dtype=torch.float64) * 2 - 1) / math.sqrt(n)
         return a.to(dtype=factor_dtype(p), device=p.device)
 
     def _init_factor_state(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
         state = self.state[p]
-        state.update(step=0, cycle_step=0, resets=0, restarted=False)
-        state["rng"] = torch.Generator().manual_seed(self._param_seed(index)).get_state()
+        state.update(step=0, cycle_step=0, resets=0, restarted=False, seed=self._param_seed(index), draws=0)
         if group["warm_start_steps"] > 0:
             state["inner_full"] = self._fresh_inner(p)
         else:
@@ -154,10 +161,10 @@ class ReLoRAReset(FactorOptimizer):
         state["inner_A"], state["inner_B"] = self._fresh_inner(state["A"]), self._fresh_inner(state["B"])
 
     def _check_loaded_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        for key in ("rng", "step", "cycle_step"):
+        for key in ("seed", "draws", "step", "cycle_step"):
             if key not in state:
-                raise ValueError(f"ReLoRA state of a {tuple(p.shape)} weight lacks {key!r}: "
-                                 "the state_dict comes from another optimizer")
+                raise ValueError(f"ReLoRA state of a {tuple(p.shape)} weight lacks {key!r}: the state_dict comes "
+                                 "from another optimizer (or from a geomopt version that saved a generator state)")
         if "A" in state:
             m, n = p.shape
             r = group["rank"]
@@ -222,13 +229,12 @@ class ReLoRAReset(FactorOptimizer):
 
     def _reset(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         """Merge-and-reinit: W already holds W_start + s B A; A redrawn, B <- 0, inner state pruned."""
-        gen = self._generator(state)
+        gen = self._next_generator(state)  # drawn in every prune mode, so the count of draws does not depend on it
         for name in ("A", "B"):
             if group["prune"] == "reset":
                 self._reset_inner(state[f"inner_{name}"], state[name])
             else:
                 prune_state_(state[f"inner_{name}"], state[name], group["prune_ratio"], group["prune"], gen)
-        state["rng"] = gen.get_state()
         state["A"].copy_(self._draw_a(p, state, group["rank"]))
         to_local(state["B"]).zero_()
         state["cycle_step"] = 0
