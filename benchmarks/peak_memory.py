@@ -1,0 +1,95 @@
+"""Peak memory of live tensors while training a geomopt-bench model, per optimizer, side by side in one run.
+
+    python benchmarks/peak_memory.py                         # small preset: adamw, poet, poet-lean, poet-lean+bwd
+    python benchmarks/peak_memory.py --optimizers adamw,relora --steps 3
+
+A CPU process's resident set (the figure of `geomopt-bench` on CPU) is mostly the interpreter and libraries,
+and torch keeps no allocator peak on CPU. So this script builds the model and the optimizer and runs a few
+training steps under `torch.profiler` with `profile_memory=True`, and replays the bytes each op allocated
+and freed in time order: the largest sum of live bytes is the peak of tensor memory (weights, gradients,
+optimizer state, activations, temporaries that outlive an op). On CUDA it reads
+`torch.cuda.max_memory_allocated()` instead. NAME+bwd steps inside backward (`geomopt.step_in_backward`).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from geomopt import bench, step_in_backward
+from geomopt.data import load_corpus, sample_batch
+
+
+def replay_peak(prof: torch.profiler.profile) -> int:
+    """The largest running sum, in time order, of the bytes each profiled op allocated net of what it freed
+    (its own, children excluded) and of the frees outside any op ("[memory]" events). Op granularity: a
+    temporary allocated and freed inside one op is not seen."""
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def train(name: str, args: argparse.Namespace, steps: int, train_tokens: torch.Tensor) -> None:
+    """Everything a training run holds, built inside the measurement: model, optimizer, batches, steps."""
+    model = bench.build_model(args).to(args.device)
+    base = name.removesuffix(bench.IN_BACKWARD)
+    make, lr = bench.OPTIMIZERS[base]
+    opt = make(model, lr, args)
+    handle = step_in_backward(model, opt) if name.endswith(bench.IN_BACKWARD) else None
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    for _ in range(steps):
+        batch = sample_batch(train_tokens, args.batch, args.seq_len, gen).to(args.device)
+        bench.next_token_loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if handle is not None:
+        handle.remove()
+
+
+def measure(name: str, args: argparse.Namespace, steps: int, train_tokens: torch.Tensor) -> int:
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        train(name, args, steps, train_tokens)
+        return torch.cuda.max_memory_allocated() - base
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        train(name, args, steps, train_tokens)
+    return replay_peak(prof)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="small", choices=sorted(bench.PRESETS))
+    ap.add_argument("--optimizers", default="adamw,poet,poet-lean,poet-lean+bwd")
+    ap.add_argument("--steps", type=int, default=3, help="training steps measured (the state exists after the first)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-bytes", type=int, default=2_000_000, help="bytes of corpus to read")
+    a = ap.parse_args(argv)
+    names = a.optimizers.split(",")
+    unknown = [n for n in names if n.removesuffix(bench.IN_BACKWARD) not in bench.OPTIMIZERS]
+    if unknown:
+        raise SystemExit(f"--optimizers: unknown {unknown}; choose from {sorted(bench.OPTIMIZERS)} "
+                         f"(NAME{bench.IN_BACKWARD} to step inside backward)")
+    if a.steps < 1:
+        raise SystemExit(f"--steps must be >= 1, got {a.steps}")
+    args = bench.parse_args(["--preset", a.preset, "--device", a.device, "--max-bytes", str(a.max_bytes)])
+    train_tokens, _ = load_corpus(args.max_bytes)
+    rows = []
+    for name in names:
+        rows.append(dict(optimizer=name, peak_bytes=measure(name, args, a.steps, train_tokens)))
+    ref = next((r["peak_bytes"] for r in rows if r["optimizer"] == "adamw"), None)
+    print(f"preset {a.preset}, batch {args.batch} x {args.seq_len}, {a.steps} steps, {a.device}: peak tensor memory")
+    print("| optimizer | peak | vs adamw |")
+    print("| --- | --- | --- |")
+    for r in rows:
+        ratio = f"{r['peak_bytes'] / ref:.2f}x" if ref else "-"
+        print(f"| {r['optimizer']} | {r['peak_bytes'] / 2**20:.1f} MiB | {ratio} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
