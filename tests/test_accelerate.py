@@ -49,7 +49,9 @@ MAKERS = {
 
 
 @pytest.mark.parametrize("name", list(MAKERS))
-def test_accumulating_two_micro_batches_equals_one_double_batch(name, fresh_state):
+def test_accumulating_two_micro_batches_equals_one_double_batch(name, fresh_state, float64):
+    """In float64: the two runs differ only by the rounding of the summed gradient, which Adam's division by
+    sqrt(v) amplifies on rarely seen embedding rows (in fp32 that reached 1.6e-3 in 8 steps for ReLoRA)."""
     data = batches(8, 8)
     halves = [h for b in data for h in (b[:4], b[4:])]
     whole, _, _ = run(1, "no", data, MAKERS[name])
