@@ -42,24 +42,26 @@ def block_layout(perm: torch.Tensor, block: int, fully_stochastic: bool) -> list
 
 def rotate_rows(x: torch.Tensor, idx: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Y = R X: rows ``idx[k]`` of x replaced by ``d[k] @ x[idx[k]]``; other rows copied. Out of place."""
-    y = x.clone()
-    y[idx.reshape(-1)] = torch.bmm(d, x[idx]).reshape(-1, x.shape[1])
-    return y
+    flat = idx.reshape(-1)
+    return x.index_copy(0, flat, torch.bmm(d, x.index_select(0, flat).view(*idx.shape, -1)).view(flat.numel(), -1))
 
 
 def rotate_cols(x: torch.Tensor, idx: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """Y = X P: columns ``idx[k]`` of x replaced by ``x[:, idx[k]] @ e[k]``; other columns copied."""
-    y = x.clone()
-    blocks = x[:, idx].transpose(0, 1)  # (n_blocks, m, b)
-    y[:, idx.reshape(-1)] = torch.bmm(blocks, e).transpose(0, 1).reshape(x.shape[0], -1)
-    return y
+    flat = idx.reshape(-1)
+    blocks = x.index_select(1, flat).view(x.shape[0], *idx.shape).transpose(0, 1)  # (n_blocks, m, b)
+    return x.index_copy(1, flat, torch.bmm(blocks, e).transpose(0, 1).reshape(x.shape[0], flat.numel()))
 
 
 def row_block_grad(g: torch.Tensor, m: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """(n_blocks, b, b) blocks ``g[idx[k]] @ m[idx[k]]^T`` (dL/dD_k for W = R M)."""
-    return torch.bmm(g[idx], m[idx].transpose(1, 2))
+    flat = idx.reshape(-1)
+    return torch.bmm(g.index_select(0, flat).view(*idx.shape, -1), m.index_select(0, flat).view(*idx.shape, -1).mT)
 
 
 def col_block_grad(n: torch.Tensor, g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """(n_blocks, b, b) blocks ``n[:, idx[k]]^T @ g[:, idx[k]]`` (dL/dE_k for W = N P)."""
-    return torch.bmm(n[:, idx].permute(1, 2, 0), g[:, idx].transpose(0, 1))
+    flat = idx.reshape(-1)
+    rows = n.shape[0]
+    return torch.bmm(n.index_select(1, flat).view(rows, *idx.shape).permute(1, 2, 0),
+                     g.index_select(1, flat).view(rows, *idx.shape).transpose(0, 1))

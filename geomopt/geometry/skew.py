@@ -19,6 +19,13 @@ def _triu(b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, cols
 
 
+@functools.lru_cache(maxsize=64)
+def _triu_flat(b: int, device: torch.device) -> torch.Tensor:
+    """Positions of the entries above the diagonal in a flattened b x b matrix (row-major)."""
+    rows, cols = _triu(b, device)
+    return rows * b + cols
+
+
 def unpack_skew(q: torch.Tensor, b: int) -> torch.Tensor:
     """(..., b(b-1)/2) packed entries -> (..., b, b) skew matrix Q with Q[i, j] = q, Q[j, i] = -q (i < j).
 
@@ -26,18 +33,14 @@ def unpack_skew(q: torch.Tensor, b: int) -> torch.Tensor:
     """
     if q.shape[-1] != skew_size(b):
         raise ValueError(f"q has {q.shape[-1]} packed entries, a {b} x {b} skew matrix has {skew_size(b)}")
-    rows, cols = _triu(b, q.device)
-    out = q.new_zeros(*q.shape[:-1], b, b)
-    out[..., rows, cols] = q
-    out[..., cols, rows] = -q
-    return out
+    upper = q.new_zeros(*q.shape[:-1], b * b).index_copy(-1, _triu_flat(b, q.device), q).view(*q.shape[:-1], b, b)
+    return upper - upper.transpose(-2, -1)
 
 
 def pack_skew(a: torch.Tensor) -> torch.Tensor:
     """(..., b, b) -> (..., b(b-1)/2): the entries above the diagonal (the inverse of unpack_skew on skew input)."""
     b = a.shape[-1]
-    rows, cols = _triu(b, a.device)
-    return a[..., rows, cols]
+    return a.reshape(*a.shape[:-2], b * b).index_select(-1, _triu_flat(b, a.device))
 
 
 def skew_norm_bound(q: torch.Tensor, b: int) -> torch.Tensor:

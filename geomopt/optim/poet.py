@@ -1,13 +1,15 @@
 """POET: reparameterized training via orthogonal equivalence transformation, as an optimizer."""
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, NamedTuple
 
 import torch
 
-from ..geometry import block_layout, block_sizes, skew_norm_bound, skew_size
+from ..geometry import block_layout, block_sizes, rotation_inverse, skew_norm_bound, skew_size
 from ..geometry.dispatch import call
 from .base import FactorOptimizer, _check_number, factor_dtype, fill_args_doc
+from .batching import ByKey, chunks
 from .sharded import all_reduce, like, local_state, put_back, reduce_over_meshes, row_shard, to_local
 
 __all__ = ["POETOptimizer", "POET"]
@@ -43,12 +45,36 @@ def _sizes(dim: int, group: dict[str, Any], chunks: int = 1) -> list[tuple[int, 
     return [(nb * chunks, b) for nb, b in block_sizes(part, _side_block(part, group), group["mode"] == "fs")]
 
 
+def _rotation(q: torch.Tensor, b: int, terms: int | None) -> torch.Tensor:
+    """The blocks of packed generators ``q``: exact Cayley (``terms`` None) or Cayley-Neumann."""
+    return call("cayley_exact", q, b) if terms is None else call("cayley_neumann", q, b, terms)
+
+
 def _rotations(qs: list[torch.Tensor], idxs: list[torch.Tensor], terms: int | None) -> list[torch.Tensor]:
-    out = []
-    for q, idx in zip(qs, idxs):
-        b = idx.shape[1]
-        out.append(call("cayley_exact", q, b) if terms is None else call("cayley_neumann", q, b, terms))
-    return out
+    return [_rotation(q, idx.shape[1], terms) for q, idx in zip(qs, idxs)]
+
+
+def _delta(side: str, new: torch.Tensor, old: torch.Tensor, old_inv: torch.Tensor) -> torch.Tensor:
+    """Lean mode's incremental rotation: D_new D_old^-1 on rows, E_old^-1 E_new on columns, as
+    I + (new - old) old^-1 and I + old^-1 (new - old) (exactly I where a block did not move)."""
+    step = (new - old) @ old_inv if side == "row" else old_inv @ (new - old)
+    return _eye_like(old) + step
+
+
+class _Work(NamedTuple):
+    """One weight in a step: its state, its shard (FSDP2) or None, its row / column index blocks, its local
+    generators (row blocks first), the local views of the row factors' inner state, and the factor dtype."""
+    p: torch.Tensor
+    st: dict[str, Any]
+    shard: Any
+    rows: list[torch.Tensor]
+    cols: list[torch.Tensor]
+    qs: list[torch.Tensor]
+    inner_row: list[dict[str, Any]]
+    fdtype: torch.dtype
+
+    def sides(self) -> list[tuple[str, torch.Tensor]]:
+        return [("row", idx) for idx in self.rows] + [("col", idx) for idx in self.cols]
 
 
 def _eye_like(d: torch.Tensor) -> torch.Tensor:
@@ -257,77 +283,105 @@ class POETOptimizer(FactorOptimizer):
 
     # ------------------------------------------------------------------ step
     def _factor_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """Step the weights in runs (``batching.chunks``): within a run, every block of one side and size is
+        mapped, inverted, differentiated and bounded in one batched call (``_step_run``)."""
+        works = [self._work(p, group) for p in params]
+        sizes = [sum(idx.numel() * idx.shape[1] for idx in w.rows + w.cols) for w in works]
+        for run in chunks(works, sizes):
+            self._step_run(group, run)
+
+    def _work(self, p: torch.Tensor, group: dict[str, Any]) -> _Work:
+        st = self.state[p]  # a row-sharded weight (FSDP2) works on its local rows: every row tensor is local
+        shard, rows, cols = self._blocks(p, st, group)
+        return _Work(p, st, shard, rows, cols, [to_local(q) for q in st["q_row"]] + st["q_col"],
+                     [local_state(s) for s in st["inner_row"]], factor_dtype(p))
+
+    def _step_run(self, group: dict[str, Any], works: list[_Work]) -> None:
         terms = None if group["exact_cayley"] else group["neumann_terms"]
-        store_base = group["store_base"]
-        todo = []
-        factors, inner_states = [], []
-        for p in params:  # a row-sharded weight (FSDP2) works on its local rows: every row tensor is local
-            st = self.state[p]
-            shard, rows, cols = self._blocks(p, st, group)
-            fdtype = factor_dtype(p)
-            g = to_local(p.grad).to(fdtype)
-            q_row = [to_local(q) for q in st["q_row"]]
-            qs = q_row + st["q_col"]
-            with torch.enable_grad():
-                leaves = [q.detach().requires_grad_() for q in qs]
-                rots = _rotations(leaves, rows + cols, terms)
-            ds, es = [r.detach() for r in rots[: len(rows)]], [r.detach() for r in rots[len(rows):]]
-            # M = W0 P = R^-1 W and N = R W0 = W P^-1 hold in both modes, so the gradients are taken from
-            # W itself (DESIGN.md's lean formulas, with D^-T = D and E^-T = E for orthogonal blocks):
-            # dL/dD_k = G[s_k] W[s_k]^T D_k^-T,  dL/dE_k = E_k^-T W[:, t_k]^T G[:, t_k]
-            w = to_local(p).detach().to(fdtype)
-            ds_inv, es_inv = [torch.linalg.inv(d) for d in ds], [torch.linalg.inv(e) for e in es]
-            gd = [call("row_block_grad", g, w, idx) @ di.transpose(1, 2) for idx, di in zip(rows, ds_inv)]
-            ge = [ei.transpose(1, 2) @ call("col_block_grad", w, g, idx) for idx, ei in zip(cols, es_inv)]
-            ds, es = list(zip(ds, ds_inv)), list(zip(es, es_inv))
-            with torch.enable_grad():
-                grads = list(torch.autograd.grad(rots, leaves, grad_outputs=gd + ge)) if leaves else []
-            if shard is not None and cols:  # a column block sums over every row: add the ranks' parts
-                col = grads[len(rows):]
-                flat = all_reduce(torch.cat([c.reshape(-1) for c in col]), shard)
-                grads[len(rows):] = [c.view_as(x) for c, x in zip(flat.split([x.numel() for x in col]), col)]
-            for q, gq in zip(qs, grads):
-                q.grad = gq
-            inner_row = [local_state(s) for s in st["inner_row"]]
-            factors += qs
-            inner_states += inner_row + st["inner_col"]
-            todo.append((p, st, shard, rows, cols, ds, es, q_row, inner_row))
+        qs = [q for w in works for q in w.qs]
+        batch = ByKey([(side, idx.shape[1], q.dtype, q.device) for w in works
+                       for (side, idx), q in zip(w.sides(), w.qs)], [q.shape[0] for q in qs])
+        with torch.enable_grad():
+            leaves = {k: t.detach().requires_grad_() for k, t in batch.cat(qs).items()}
+            rots = {k: _rotation(leaf, k[1], terms) for k, leaf in leaves.items()}
+        old = {k: r.detach() for k, r in rots.items()}
+        inv = {k: rotation_inverse(r) for k, r in old.items()}
+        # M = W0 P = R^-1 W and N = R W0 = W P^-1 hold in both modes, so the gradients are taken from
+        # W itself (DESIGN.md's lean formulas, with D^-T = D and E^-T = E for orthogonal blocks):
+        # dL/dD_k = G[s_k] W[s_k]^T D_k^-T,  dL/dE_k = E_k^-T W[:, t_k]^T G[:, t_k]
+        raw = []
+        for w in works:
+            g = to_local(w.p.grad).to(w.fdtype)
+            wt = to_local(w.p).detach().to(w.fdtype)
+            raw += [call("row_block_grad", g, wt, idx) for idx in w.rows]
+            raw += [call("col_block_grad", wt, g, idx) for idx in w.cols]
+        raw = batch.cat(raw)
+        outs = [raw[k] @ inv[k].transpose(1, 2) if k[0] == "row" else inv[k].transpose(1, 2) @ raw[k] for k in rots]
+        with torch.enable_grad():
+            grads = batch.split(dict(zip(rots, torch.autograd.grad(list(rots.values()), list(leaves.values()),
+                                                                   grad_outputs=outs)))) if rots else []
+        factors, inner_states, pos = [], [], 0
+        for w in works:
+            gq, pos, nrow = grads[pos: pos + len(w.qs)], pos + len(w.qs), len(w.rows)
+            if w.shard is not None and w.cols:  # a column block sums over every row: add the ranks' parts
+                col = gq[nrow:]
+                flat = all_reduce(torch.cat([c.reshape(-1) for c in col]), w.shard)
+                gq[nrow:] = [c.view_as(x) for c, x in zip(flat.split([x.numel() for x in col]), col)]
+            for q, g in zip(w.qs, gq):
+                q.grad = g
+            factors += w.qs
+            inner_states += w.inner_row + w.st["inner_col"]
         if factors:
             self._inner_step(group, factors, inner_states)
-        for p, st, shard, _, _, _, _, q_row, inner_row in todo:
-            for s, view, q in zip(st["inner_row"], inner_row, q_row):
-                put_back(s, view, shard, q.shape)
+        for w in works:
+            for s, view, q in zip(w.st["inner_row"], w.inner_row, w.qs):
+                put_back(s, view, w.shard, q.shape)
 
-        flags = [False] * len(todo)
+        new_q = batch.cat(qs)  # the updated generators
+        flags = self._safeguard(group, works, batch, new_q, terms)
+        new = {k: _rotation(q, k[1], terms) for k, q in new_q.items()}
+        if group["store_base"]:
+            mats = batch.split(new)
+        else:  # D_new D_old^-1 = I + (D_new - D_old) D_old^-1: exactly I when Q did not move
+            mats = batch.split({k: _delta(k[0], new[k], old[k], inv[k]) for k in new})
+        olds, invs = batch.split(old), batch.split(inv)
+        pos = 0
+        for w, early in zip(works, flags):
+            n, nrow = len(w.qs), len(w.rows)
+            mine = mats[pos: pos + n]
+            if early:  # the safeguard: this weight's step with the exact Cayley map, then a merge
+                exact = _rotations(w.qs, w.rows + w.cols, None)
+                mine = exact if group["store_base"] else [
+                    _delta(side, e, d, di) for (side, _), e, d, di in
+                    zip(w.sides(), exact, olds[pos: pos + n], invs[pos: pos + n])]
+            pos += n
+            base = to_local(w.st["w0"]) if group["store_base"] else to_local(w.p).detach().to(w.fdtype)
+            w_new = _apply(base, w.rows, mine[:nrow], w.cols, mine[nrow:])
+            to_local(w.p).copy_(w_new)
+            w.st["step"] += 1
+            w.st["since_merge"] += 1
+            if early or w.st["since_merge"] >= group["merge_every"]:
+                keep = None if not group["store_base"] else w_new if w.shard is None else like(w_new, w.shard)
+                self._merge(w.p, w.st, group, keep, early)
+
+    @staticmethod
+    def _safeguard(group: dict[str, Any], works: list[_Work], batch: ByKey, new_q: dict, terms: int | None) -> list:
+        """Per weight: whether a bound on the spectral norm of one of its updated generators passes
+        ``max_q_norm`` (the maximum over a sharded weight's ranks)."""
         limit = group["max_q_norm"]
-        if limit is not None and terms is not None and factors:
-            bounds = torch.stack([
-                torch.stack([skew_norm_bound(q, idx.shape[1]).amax() for q, idx in
-                             zip(q_row + st["q_col"], rows + cols)]).amax()
-                if rows + cols else torch.zeros((), device=to_local(p).device)
-                for p, st, _, rows, cols, _, _, q_row, _ in todo
-            ])
-            sharded = [p if shard is not None else None for p, _, shard, *_ in todo]
-            if any(x is not None for x in sharded):  # a weight's row blocks are spread over its ranks
-                bounds = reduce_over_meshes(bounds, sharded, torch.distributed.ReduceOp.MAX)
-            flags = (bounds > limit).tolist()
-
-        for (p, st, shard, rows, cols, ds, es, q_row, _), early in zip(todo, flags):
-            use = None if early else terms
-            new = _rotations(q_row + st["q_col"], rows + cols, use)
-            dn, en = new[: len(rows)], new[len(rows):]
-            if store_base:
-                w_new = _apply(to_local(st["w0"]), rows, dn, cols, en)
-            else:  # D_new D_old^-1 = I + (D_new - D_old) D_old^-1: exactly I when Q did not move
-                dr = [_eye_like(d) + (a - d) @ di for a, (d, di) in zip(dn, ds)]
-                dp = [_eye_like(e) + ei @ (a - e) for a, (e, ei) in zip(en, es)]
-                w_new = _apply(to_local(p).detach().to(factor_dtype(p)), rows, dr, cols, dp)
-            to_local(p).copy_(w_new)
-            st["step"] += 1
-            st["since_merge"] += 1
-            if early or st["since_merge"] >= group["merge_every"]:
-                w_keep = None if not store_base else w_new if shard is None else like(w_new, shard)
-                self._merge(p, st, group, w_keep, early)
+        if limit is None or terms is None or not new_q:
+            return [False] * len(works)
+        owners = batch.owners([i for i, w in enumerate(works) for _ in w.qs])
+        first = next(iter(new_q.values()))
+        dtype = functools.reduce(torch.promote_types, [q.dtype for q in new_q.values()])
+        bounds = torch.zeros(len(works), dtype=dtype, device=first.device)
+        for k, q in new_q.items():
+            blocks = skew_norm_bound(q, k[1]).to(bounds.device, dtype)
+            bounds.scatter_reduce_(0, owners[k].to(bounds.device), blocks, "amax")
+        sharded = [w.p if w.shard is not None else None for w in works]
+        if any(x is not None for x in sharded):  # a weight's row blocks are spread over its ranks
+            bounds = reduce_over_meshes(bounds, sharded, torch.distributed.ReduceOp.MAX)
+        return (bounds > limit).tolist()
 
     def _merge(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], w_new: torch.Tensor | None,
                early: bool) -> None:
