@@ -67,8 +67,10 @@ def test_poet_step_on_the_kernel_device_runs_kernels_1_to_3_and_matches_the_refe
     monkeypatch.setattr(dispatch, "_on_kernel_device", lambda x: True)
     got = train(make)
     assert set(calls) == POET_KERNELS and min(calls.values()) > 0
+    # fp32: the kernel evaluates the Cayley-Neumann polynomial by Horner's scheme, the reference in powers of Q^2
+    # (the same polynomial, other rounding), and Adam's normalized steps carry that rounding through 4 steps
     for a, b in zip(got, want):
-        assert rel_err(a, b) < 1e-5
+        assert rel_err(a, b) < 3e-5
     assert any(rel_err(a, b) > 1e-3 for a, b in zip(want, [p.detach() for p in model().parameters()]))
 
 

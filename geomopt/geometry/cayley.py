@@ -10,9 +10,10 @@ import functools
 import torch
 from torch.autograd.function import once_differentiable
 
-from .skew import unpack_skew
+from .skew import bound_from_powers, skew_norm_bound, unpack_skew
 
-__all__ = ["cayley_exact", "cayley_neumann", "cayley_neumann_horner", "cayley", "rotation_inverse"]
+__all__ = ["cayley_exact", "cayley_neumann", "cayley_neumann_horner", "cayley_neumann_with_bound", "cayley",
+           "rotation_inverse"]
 
 
 def _eye(b: int, like: torch.Tensor) -> torch.Tensor:
@@ -66,22 +67,8 @@ class _SkewPoly(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, b: int, terms: int) -> torch.Tensor:
-        Q = unpack_skew(q, b)
-        eye = _eye(b, q)
-        y = Q @ Q
-        if terms % 2:  # T = I (k = 1), I + Y (k = 3), I + Y + Y^2 (k = 5)
-            a = torch.add(eye + y, Q, alpha=2.0)
-            t = None if terms == 1 else eye + y if terms == 3 else torch.baddbmm(eye + y, y, y)
-            r = a if t is None else a @ t
-            ctx.save_for_backward(Q, y, a, t)
-        else:  # E, O of degree 1 (k = 2) or 2 (k = 4)
-            e, o = _even_odd(terms)
-            poly_e, poly_o = e[0] * eye + e[1] * y, o[0] * eye + o[1] * y
-            if terms == 4:
-                y2 = y @ y
-                poly_e, poly_o = poly_e + e[2] * y2, poly_o + o[2] * y2
-            r = torch.baddbmm(poly_e, Q, poly_o)
-            ctx.save_for_backward(Q, y, poly_o, None)
+        r, saved, _ = _skew_poly(unpack_skew(q, b), b, terms)
+        ctx.save_for_backward(*saved)
         ctx.b, ctx.terms = b, terms
         return r
 
@@ -110,6 +97,34 @@ class _SkewPoly(torch.autograd.Function):
             d_y = torch.baddbmm(torch.baddbmm(d_y, h2, y), y, h2)
         d_q = torch.baddbmm(torch.baddbmm(d_q, d_y, Q, alpha=-1.0), Q, d_y, alpha=-1.0)
         return _pack_antisym(d_q, ctx.b), None, None
+
+
+def _skew_poly(Q: torch.Tensor, b: int, terms: int, need_y2: bool = False) -> tuple:
+    """``_SkewPoly``'s forward on an unpacked batch Q (1 <= terms <= 5): (R, what the backward needs, Y^2 or None;
+    Y^2 is formed when the map needs it or ``need_y2``)."""
+    eye = _eye(b, Q)
+    y = Q @ Q
+    y2 = y @ y if terms in (4, 5) or need_y2 else None
+    if terms % 2:  # T = I (k = 1), I + Y (k = 3), I + Y + Y^2 (k = 5)
+        a = torch.add(eye + y, Q, alpha=2.0)
+        t = None if terms == 1 else eye + y if terms == 3 else eye + y + y2
+        return (a if t is None else a @ t), (Q, y, a, t), y2
+    e, o = _even_odd(terms)  # E, O of degree 1 (k = 2) or 2 (k = 4)
+    poly_e, poly_o = e[0] * eye + e[1] * y, o[0] * eye + o[1] * y
+    if terms == 4:
+        poly_e, poly_o = poly_e + e[2] * y2, poly_o + o[2] * y2
+    return torch.baddbmm(poly_e, Q, poly_o), (Q, y, poly_o, None), y2
+
+
+def cayley_neumann_with_bound(q: torch.Tensor, b: int, terms: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cayley_neumann(q, b, terms), skew_norm_bound(q, b))`` for a batch (n_blocks, b(b-1)/2), not differentiable.
+    For k <= 5 the bound's Q^4 is the map's Y^2, so the pair costs about what the map alone does."""
+    q = q.detach()
+    if terms > _SkewPoly.MAX_TERMS or b < 2 or q.dim() != 2:
+        return cayley_neumann(q, b, terms), skew_norm_bound(q, b)
+    Q = unpack_skew(q, b)
+    r, _, y2 = _skew_poly(Q, b, terms, need_y2=True)
+    return r, bound_from_powers(q, Q, y2)
 
 
 def _pack_antisym(d: torch.Tensor, b: int) -> torch.Tensor:

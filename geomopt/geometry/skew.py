@@ -5,7 +5,7 @@ import functools
 
 import torch
 
-__all__ = ["skew_size", "unpack_skew", "pack_skew", "skew_norm_bound"]
+__all__ = ["skew_size", "unpack_skew", "pack_skew", "skew_norm_bound", "bound_from_powers"]
 
 
 def skew_size(b: int) -> int:
@@ -55,9 +55,13 @@ def skew_norm_bound(q: torch.Tensor, b: int) -> torch.Tensor:
         return q.new_zeros(q.shape[:-1])
     q = q.detach()
     Q = unpack_skew(q, b)
+    q2 = Q @ Q
+    return bound_from_powers(q, Q, q2 @ q2)
+
+
+def bound_from_powers(q: torch.Tensor, Q: torch.Tensor, q4: torch.Tensor) -> torch.Tensor:
+    """``skew_norm_bound`` from the packed ``q``, its unpacked ``Q`` and ``Q^4`` (when a caller has them)."""
     frob = q.square().sum(-1).mul(2.0).sqrt()
     inf = Q.abs().sum(-1).amax(-1)
-    q2 = Q @ Q
-    q4 = q2 @ q2
     power = torch.linalg.matrix_norm(q4).pow(0.25)
     return torch.minimum(torch.minimum(frob, inf), power)

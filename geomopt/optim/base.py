@@ -18,7 +18,8 @@ from torch.optim import Optimizer
 from .routing import build_param_groups, is_factorized
 from .sharded import gather, global_all, is_dtensor, scatter, to_local
 
-__all__ = ["FactorOptimizer", "COMMON_ARGS_DOC", "NONFINITE_POLICIES", "factor_dtype", "check_rank", "fill_args_doc"]
+__all__ = ["FactorOptimizer", "COMMON_ARGS_DOC", "NONFINITE_POLICIES", "factor_dtype", "finite_flags", "check_rank",
+           "fill_args_doc"]
 
 NONFINITE_POLICIES = ("skip", "raise")
 
@@ -67,15 +68,42 @@ def _check_number(name: str, value: Any, *, low: float | None = None, low_open: 
 _TORCH_FLAGS = frozenset({"differentiable", "foreach", "maximize", "capturable", "fused"})
 
 
-def _adam_first_state(t: torch.Tensor, amsgrad: bool) -> dict[str, Any]:
-    """What torch Adam/AdamW (not fused or capturable) put in a tensor's state before its first update."""
+def _adam_first_state(t: torch.Tensor, amsgrad: bool, fused: bool = False) -> dict[str, Any]:
+    """What torch Adam/AdamW (not capturable) put in a tensor's state before its first update."""
     from torch.optim.optimizer import _get_scalar_dtype
 
     zeros = functools.partial(torch.zeros_like, t, memory_format=torch.preserve_format)
-    st = dict(step=torch.tensor(0.0, dtype=_get_scalar_dtype()), exp_avg=zeros(), exp_avg_sq=zeros())
+    step = (torch.zeros((), dtype=_get_scalar_dtype(is_fused=True), device=t.device) if fused
+            else torch.tensor(0.0, dtype=_get_scalar_dtype()))
+    st = dict(step=step, exp_avg=zeros(), exp_avg_sq=zeros())
     if amsgrad:
         st["max_exp_avg_sq"] = zeros()
     return st
+
+
+def finite_flags(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """1-D bool tensor: whether ``tensors[i]`` holds no NaN or Inf.
+
+    One ``torch._foreach_norm`` (fp32 2-norms) instead of an ``isfinite().all()`` per tensor: a NaN or Inf
+    entry always makes the norm non-finite, and a norm that overflows from finite entries is re-checked
+    entry by entry, so the flags are exact."""
+    if not tensors:
+        return torch.zeros(0, dtype=torch.bool)
+    if any(t.is_sparse or t.layout != torch.strided or t.is_complex() for t in tensors):
+        return torch.stack([torch.isfinite(t).all().to(tensors[0].device) for t in tensors])
+    norms: list[Any] = [None] * len(tensors)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    for dtype, ix in by_dtype.items():  # half-precision norms in fp32, so they do not overflow at 65504
+        wide = torch.promote_types(dtype, torch.float32)
+        for i, n in zip(ix, torch._foreach_norm([tensors[i] for i in ix], 2, dtype=wide)):
+            norms[i] = n
+    ok = torch.stack([n.to(norms[0].device) for n in norms]).isfinite()
+    if not bool(ok.all()):
+        for i in (~ok).nonzero().flatten().tolist():
+            ok[i] = torch.isfinite(tensors[i]).all()
+    return ok
 
 
 def factor_dtype(p: torch.Tensor) -> torch.dtype:
@@ -185,7 +213,7 @@ class FactorOptimizer(Optimizer):
                 loss = closure()
         if self.nonfinite == "raise":  # check every group before any of them changes
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            ok = global_all([torch.isfinite(to_local(g)).all() for g in grads], grads)
+            ok = global_all(finite_flags([to_local(g) for g in grads]), grads)
             bad = [g for g, fine in zip(grads, ok) if not fine]
             if bad:
                 raise FloatingPointError(f"non-finite gradient in {len(bad)} parameter(s) (first of shape "
@@ -220,7 +248,7 @@ class FactorOptimizer(Optimizer):
                         if not is_factorized(p, group) and not self.state[p]:
                             self._init_dense_state(p)
                     continue  # lr = 0 and zero gradients: state exists now, nothing else changes
-                finite = global_all([torch.isfinite(to_local(p.grad)).all() for p in params], params)
+                finite = global_all(finite_flags([to_local(p.grad) for p in params]), params)
                 if not all(finite):
                     bad = [p for p, ok in zip(params, finite) if not ok]  # "skip" ("raise" checked above)
                     group["nonfinite_skips"] = group.get("nonfinite_skips", 0) + len(bad)
@@ -236,15 +264,28 @@ class FactorOptimizer(Optimizer):
                     scatter(self, sharded)
         return loss
 
+    def _auto_fused(self, tensors: list[torch.Tensor]) -> bool:
+        """Whether the inner torch Adam/AdamW steps ``tensors`` with its fused kernel: by default (``inner_kwargs``
+        sets none of fused, foreach, capturable, differentiable) wherever torch has one for their device. The
+        fused kernel is the same update in one call, where the default loop costs a dozen calls per factor."""
+        kw = self._inner_kwargs
+        if self._inner_cls not in (torch.optim.Adam, torch.optim.AdamW) or any(
+                k in kw for k in ("fused", "foreach", "capturable", "differentiable")):
+            return False
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = _get_fused_kernels_supported_devices()
+        return all(t.device.type in devices and t.is_floating_point() for t in tensors)
+
     def _fresh_inner(self, factor: torch.Tensor) -> dict[str, Any]:
         """The inner optimizer's state for ``factor`` before its first step, when that state is known
-        (torch Adam/AdamW, not fused or capturable; a later step is then exactly a first step): creating it
-        up front keeps the state's structure fixed, which torch.distributed.checkpoint needs (it loads into
-        a template of the state). Other inner optimizers get ``{}`` and create their state lazily."""
+        (torch Adam/AdamW, not capturable, fused only by default; a later step is then exactly a first step):
+        creating it up front keeps the state's structure fixed, which torch.distributed.checkpoint needs (it
+        loads into a template of the state). Other inner optimizers get ``{}`` and create their state lazily."""
         kw = self._inner_kwargs
         if self._inner_cls not in (torch.optim.Adam, torch.optim.AdamW) or kw.get("fused") or kw.get("capturable"):
             return {}
-        return _adam_first_state(factor, bool(kw.get("amsgrad")))
+        return _adam_first_state(factor, bool(kw.get("amsgrad")), fused=self._auto_fused([factor]))
 
     def _reset_inner(self, st: dict[str, Any], factor: torch.Tensor) -> None:
         """Reset a factor's inner state to the state before a first step."""
@@ -276,11 +317,18 @@ class FactorOptimizer(Optimizer):
         if self._inner is None:
             self._inner = self._inner_cls([torch.zeros(1)], lr=1.0, **self._inner_kwargs)  # lr set per step
         opt = self._inner
+        g = opt.param_groups[0]
+        if self._auto_fused([]):  # fused where torch has the kernel (see _auto_fused)
+            g["fused"] = self._auto_fused(factors)
+            if g["fused"]:  # a state saved by the loop keeps its step count on the CPU: the kernel wants it here
+                for f, s in zip(factors, states):
+                    step = s.get("step")
+                    if isinstance(step, torch.Tensor) and (step.device != f.device or step.dtype != torch.float32):
+                        s["step"] = step.to(f.device, torch.float32)
         view = defaultdict(dict)
         for f, s in zip(factors, states):
             view[f] = s
         opt.state = view  # type: ignore[assignment]
-        g = opt.param_groups[0]
         g["params"] = factors
         g["lr"] = group["lr"] * lr_scale
         opt.step()

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
-from ..geometry import block_layout, block_sizes, rotation_inverse, skew_norm_bound, skew_size
-from ..geometry.dispatch import call
+from ..geometry import block_layout, block_sizes, rotation_inverse, skew_size
 from .base import FactorOptimizer, _check_number, factor_dtype, fill_args_doc
 from .batching import ByKey, chunks
+from .poet_step import Work, apply_blocks, block_grads, delta, rewrite, rotation, rotation_and_bound, rotations
 from .sharded import all_reduce, like, local_state, put_back, reduce_over_meshes, row_shard, to_local
 
 __all__ = ["POETOptimizer", "POET"]
@@ -43,50 +43,6 @@ def _sizes(dim: int, group: dict[str, Any], chunks: int = 1) -> list[tuple[int, 
     """[(blocks, b), ...] of a side of ``dim`` indices cut into ``chunks`` parts (see ``_layout``)."""
     part = dim // chunks
     return [(nb * chunks, b) for nb, b in block_sizes(part, _side_block(part, group), group["mode"] == "fs")]
-
-
-def _rotation(q: torch.Tensor, b: int, terms: int | None) -> torch.Tensor:
-    """The blocks of packed generators ``q``: exact Cayley (``terms`` None) or Cayley-Neumann."""
-    return call("cayley_exact", q, b) if terms is None else call("cayley_neumann", q, b, terms)
-
-
-def _rotations(qs: list[torch.Tensor], idxs: list[torch.Tensor], terms: int | None) -> list[torch.Tensor]:
-    return [_rotation(q, idx.shape[1], terms) for q, idx in zip(qs, idxs)]
-
-
-def _delta(side: str, new: torch.Tensor, old: torch.Tensor, old_inv: torch.Tensor) -> torch.Tensor:
-    """Lean mode's incremental rotation: D_new D_old^-1 on rows, E_old^-1 E_new on columns, as
-    I + (new - old) old^-1 and I + old^-1 (new - old) (exactly I where a block did not move)."""
-    step = (new - old) @ old_inv if side == "row" else old_inv @ (new - old)
-    return _eye_like(old) + step
-
-
-class _Work(NamedTuple):
-    """One weight in a step: its state, its shard (FSDP2) or None, its row / column index blocks, its local
-    generators (row blocks first), the local views of the row factors' inner state, and the factor dtype."""
-    p: torch.Tensor
-    st: dict[str, Any]
-    shard: Any
-    rows: list[torch.Tensor]
-    cols: list[torch.Tensor]
-    qs: list[torch.Tensor]
-    inner_row: list[dict[str, Any]]
-    fdtype: torch.dtype
-
-    def sides(self) -> list[tuple[str, torch.Tensor]]:
-        return [("row", idx) for idx in self.rows] + [("col", idx) for idx in self.cols]
-
-
-def _eye_like(d: torch.Tensor) -> torch.Tensor:
-    return torch.eye(d.shape[-1], dtype=d.dtype, device=d.device).expand_as(d)
-
-
-def _apply(x: torch.Tensor, rows: list, ds: list, cols: list, es: list) -> torch.Tensor:
-    for idx, d in zip(rows, ds):
-        x = call("rotate_rows", x, idx, d)
-    for idx, e in zip(cols, es):
-        x = call("rotate_cols", x, idx, e)
-    return x
 
 
 @fill_args_doc
@@ -290,36 +246,32 @@ class POETOptimizer(FactorOptimizer):
         for run in chunks(works, sizes):
             self._step_run(group, run)
 
-    def _work(self, p: torch.Tensor, group: dict[str, Any]) -> _Work:
+    def _work(self, p: torch.Tensor, group: dict[str, Any]) -> Work:
         st = self.state[p]  # a row-sharded weight (FSDP2) works on its local rows: every row tensor is local
         shard, rows, cols = self._blocks(p, st, group)
-        return _Work(p, st, shard, rows, cols, [to_local(q) for q in st["q_row"]] + st["q_col"],
+        return Work(p, st, shard, rows, cols, [to_local(q) for q in st["q_row"]] + st["q_col"],
                      [local_state(s) for s in st["inner_row"]], factor_dtype(p))
 
-    def _step_run(self, group: dict[str, Any], works: list[_Work]) -> None:
+    def _step_run(self, group: dict[str, Any], works: list[Work]) -> None:
         terms = None if group["exact_cayley"] else group["neumann_terms"]
         qs = [q for w in works for q in w.qs]
         batch = ByKey([(side, idx.shape[1], q.dtype, q.device) for w in works
                        for (side, idx), q in zip(w.sides(), w.qs)], [q.shape[0] for q in qs])
         with torch.enable_grad():
             leaves = {k: t.detach().requires_grad_() for k, t in batch.cat(qs).items()}
-            rots = {k: _rotation(leaf, k[1], terms) for k, leaf in leaves.items()}
+            rots = {k: rotation(leaf, k[1], terms) for k, leaf in leaves.items()}
         old = {k: r.detach() for k, r in rots.items()}
         inv = {k: rotation_inverse(r) for k, r in old.items()}
         # M = W0 P = R^-1 W and N = R W0 = W P^-1 hold in both modes, so the gradients are taken from
         # W itself (DESIGN.md's lean formulas, with D^-T = D and E^-T = E for orthogonal blocks):
         # dL/dD_k = G[s_k] W[s_k]^T D_k^-T,  dL/dE_k = E_k^-T W[:, t_k]^T G[:, t_k]
-        raw = []
-        for w in works:
-            g = to_local(w.p.grad).to(w.fdtype)
-            wt = to_local(w.p).detach().to(w.fdtype)
-            raw += [call("row_block_grad", g, wt, idx) for idx in w.rows]
-            raw += [call("col_block_grad", wt, g, idx) for idx in w.cols]
-        raw = batch.cat(raw)
+        raw = block_grads(works, batch)
         outs = [raw[k] @ inv[k].transpose(1, 2) if k[0] == "row" else inv[k].transpose(1, 2) @ raw[k] for k in rots]
+        del raw
         with torch.enable_grad():
             grads = batch.split(dict(zip(rots, torch.autograd.grad(list(rots.values()), list(leaves.values()),
                                                                    grad_outputs=outs)))) if rots else []
+        del outs
         factors, inner_states, pos = [], [], 0
         for w in works:
             gq, pos, nrow = grads[pos: pos + len(w.qs)], pos + len(w.qs), len(w.rows)
@@ -338,25 +290,27 @@ class POETOptimizer(FactorOptimizer):
                 put_back(s, view, w.shard, q.shape)
 
         new_q = batch.cat(qs)  # the updated generators
-        flags = self._safeguard(group, works, batch, new_q, terms)
-        new = {k: _rotation(q, k[1], terms) for k, q in new_q.items()}
-        if group["store_base"]:
-            mats = batch.split(new)
-        else:  # D_new D_old^-1 = I + (D_new - D_old) D_old^-1: exactly I when Q did not move
-            mats = batch.split({k: _delta(k[0], new[k], old[k], inv[k]) for k in new})
-        olds, invs = batch.split(old), batch.split(inv)
+        flags = [False] * len(works)
+        if group["max_q_norm"] is not None and terms is not None:
+            pairs = {k: rotation_and_bound(q, k[1], terms) for k, q in new_q.items()}
+            mats = {k: r for k, (r, _) in pairs.items()}
+            flags = self._safeguard(group["max_q_norm"], works, batch, {k: bd for k, (_, bd) in pairs.items()})
+        else:
+            mats = {k: rotation(q, k[1], terms) for k, q in new_q.items()}
+        if not group["store_base"]:  # D_new D_old^-1 = I + (D_new - D_old) D_old^-1: exactly I when Q did not move
+            mats = {k: delta(k[0], mats[k], old[k], inv[k]) for k in mats}
+        per = batch.split(mats)
+        olds, invs = (batch.split(old), batch.split(inv)) if any(flags) else ([], [])
+        del old, inv
         pos = 0
         for w, early in zip(works, flags):
-            n, nrow = len(w.qs), len(w.rows)
-            mine = mats[pos: pos + n]
+            mine, idx = per[pos: pos + len(w.qs)], range(pos, pos + len(w.qs))
+            pos += len(w.qs)
             if early:  # the safeguard: this weight's step with the exact Cayley map, then a merge
-                exact = _rotations(w.qs, w.rows + w.cols, None)
+                exact = rotations(w.qs, w.rows + w.cols, None)
                 mine = exact if group["store_base"] else [
-                    _delta(side, e, d, di) for (side, _), e, d, di in
-                    zip(w.sides(), exact, olds[pos: pos + n], invs[pos: pos + n])]
-            pos += n
-            base = to_local(w.st["w0"]) if group["store_base"] else to_local(w.p).detach().to(w.fdtype)
-            w_new = _apply(base, w.rows, mine[:nrow], w.cols, mine[nrow:])
+                    delta(side, r, olds[i], invs[i]) for i, (side, _), r in zip(idx, w.sides(), exact)]
+            w_new = rewrite(w, mine, group["store_base"])
             to_local(w.p).copy_(w_new)
             w.st["step"] += 1
             w.st["since_merge"] += 1
@@ -365,19 +319,17 @@ class POETOptimizer(FactorOptimizer):
                 self._merge(w.p, w.st, group, keep, early)
 
     @staticmethod
-    def _safeguard(group: dict[str, Any], works: list[_Work], batch: ByKey, new_q: dict, terms: int | None) -> list:
-        """Per weight: whether a bound on the spectral norm of one of its updated generators passes
-        ``max_q_norm`` (the maximum over a sharded weight's ranks)."""
-        limit = group["max_q_norm"]
-        if limit is None or terms is None or not new_q:
+    def _safeguard(limit: float, works: list[Work], batch: ByKey, block_bounds: dict) -> list:
+        """Per weight: whether the bound on the spectral norm of one of its updated generators (``block_bounds``:
+        per key of ``batch``, one per block) passes ``limit`` (the maximum over a sharded weight's ranks)."""
+        if not block_bounds:
             return [False] * len(works)
         owners = batch.owners([i for i, w in enumerate(works) for _ in w.qs])
-        first = next(iter(new_q.values()))
-        dtype = functools.reduce(torch.promote_types, [q.dtype for q in new_q.values()])
+        first = next(iter(block_bounds.values()))
+        dtype = functools.reduce(torch.promote_types, [v.dtype for v in block_bounds.values()])
         bounds = torch.zeros(len(works), dtype=dtype, device=first.device)
-        for k, q in new_q.items():
-            blocks = skew_norm_bound(q, k[1]).to(bounds.device, dtype)
-            bounds.scatter_reduce_(0, owners[k].to(bounds.device), blocks, "amax")
+        for k, v in block_bounds.items():
+            bounds.scatter_reduce_(0, owners[k].to(bounds.device), v.to(bounds.device, dtype), "amax")
         sharded = [w.p if w.shard is not None else None for w in works]
         if any(x is not None for x in sharded):  # a weight's row blocks are spread over its ranks
             bounds = reduce_over_meshes(bounds, sharded, torch.distributed.ReduceOp.MAX)
@@ -411,8 +363,8 @@ class POETOptimizer(FactorOptimizer):
                 w_new = None
                 if group["store_base"]:  # recompute in the factor dtype: no rounding through a bf16 W
                     shard, rows, cols = self._blocks(p, st, group)
-                    rots = _rotations([to_local(q) for q in st["q_row"]] + st["q_col"], rows + cols, terms)
-                    w_new = _apply(to_local(st["w0"]), rows, rots[: len(rows)], cols, rots[len(rows):])
+                    rots = rotations([to_local(q) for q in st["q_row"]] + st["q_col"], rows + cols, terms)
+                    w_new = apply_blocks(to_local(st["w0"]), rows, rots[: len(rows)], cols, rots[len(rows):])
                     w_new = w_new if shard is None else like(w_new, shard)
                 self._merge(p, st, group, w_new, False)
 

@@ -89,12 +89,12 @@ def reduce_over_meshes(values: torch.Tensor, params: list[torch.Tensor], op: Any
     return out
 
 
-def global_all(flags: list[torch.Tensor], params: list[torch.Tensor]) -> list[bool]:
-    """``flags[i]`` is a 0-d bool computed on ``params[i]``'s local piece; the result is the flag over the
-    whole tensor (logical AND over the mesh for DTensors)."""
-    if not flags:
+def global_all(flags: list[torch.Tensor] | torch.Tensor, params: list[torch.Tensor]) -> list[bool]:
+    """``flags[i]`` is a 0-d bool (or an entry of a 1-D bool tensor) computed on ``params[i]``'s local piece; the
+    result is the flag over the whole tensor (logical AND over the mesh for DTensors)."""
+    if len(flags) == 0:
         return []
-    out = torch.stack(flags).to(torch.int32)
+    out = (flags if isinstance(flags, torch.Tensor) else torch.stack(flags)).to(torch.int32)
     if any(is_dtensor(p) for p in params):
         out = reduce_over_meshes(out, params, dist.ReduceOp.MIN)
     return [bool(v) for v in out.tolist()]

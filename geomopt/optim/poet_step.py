@@ -1,0 +1,93 @@
+"""POET's step, the parts that touch the dense weights: block gradients from G and W, and the rewrite of W.
+
+They stay weight by weight: each weight's gathers and block products fit in cache, while stacking the weights of
+one shape into a single matrix (to save calls) was measured 1x to 4x slower on the small preset's CPU (its
+large strided gathers and scatters run out of cache). The small b x b work of all weights is batched instead,
+in ``POETOptimizer._step_run``.
+"""
+from __future__ import annotations
+
+from typing import Any, Hashable, NamedTuple
+
+import torch
+
+from ..geometry import skew_norm_bound
+from ..geometry.cayley import cayley_neumann_with_bound
+from ..geometry.dispatch import REFERENCES, call, kernel_for
+from .batching import ByKey
+from .sharded import to_local
+
+__all__ = ["Work", "rotation", "rotation_and_bound", "rotations", "delta", "apply_blocks", "block_grads", "rewrite"]
+
+
+class Work(NamedTuple):
+    """One weight in a step: its state, its shard (FSDP2) or None, its row / column index blocks, its local
+    generators (row blocks first), the local views of the row factors' inner state, and the factor dtype."""
+    p: torch.Tensor
+    st: dict[str, Any]
+    shard: Any
+    rows: list[torch.Tensor]
+    cols: list[torch.Tensor]
+    qs: list[torch.Tensor]
+    inner_row: list[dict[str, Any]]
+    fdtype: torch.dtype
+
+    def sides(self) -> list[tuple[str, torch.Tensor]]:
+        return [("row", idx) for idx in self.rows] + [("col", idx) for idx in self.cols]
+
+
+def rotation(q: torch.Tensor, b: int, terms: int | None) -> torch.Tensor:
+    """The blocks of packed generators ``q``: exact Cayley (``terms`` None) or Cayley-Neumann."""
+    return call("cayley_exact", q, b) if terms is None else call("cayley_neumann", q, b, terms)
+
+
+def rotation_and_bound(q: torch.Tensor, b: int, terms: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cayley-Neumann blocks of ``q`` and ``skew_norm_bound`` of each: on the reference path with shared products
+    (``cayley_neumann_with_bound``), beside a kernel separately."""
+    if kernel_for("cayley_neumann", q) is REFERENCES["cayley_neumann"]:
+        return cayley_neumann_with_bound(q, b, terms)
+    return call("cayley_neumann", q, b, terms), skew_norm_bound(q, b)
+
+
+def rotations(qs: list[torch.Tensor], idxs: list[torch.Tensor], terms: int | None) -> list[torch.Tensor]:
+    return [rotation(q, idx.shape[1], terms) for q, idx in zip(qs, idxs)]
+
+
+def _eye_like(d: torch.Tensor) -> torch.Tensor:
+    return torch.eye(d.shape[-1], dtype=d.dtype, device=d.device).expand_as(d)
+
+
+def delta(side: str, new: torch.Tensor, old: torch.Tensor, old_inv: torch.Tensor) -> torch.Tensor:
+    """Lean mode's incremental rotation: D_new D_old^-1 on rows, E_old^-1 E_new on columns, as
+    I + (new - old) old^-1 and I + old^-1 (new - old) (exactly I where a block did not move)."""
+    step = (new - old) @ old_inv if side == "row" else old_inv @ (new - old)
+    return _eye_like(old) + step
+
+
+def apply_blocks(x: torch.Tensor, rows: list, ds: list, cols: list, es: list) -> torch.Tensor:
+    """R X P for the row blocks ``rows`` (rotations ``ds``) and column blocks ``cols`` (``es``); out of place."""
+    for idx, d in zip(rows, ds):
+        x = call("rotate_rows", x, idx, d)
+    for idx, e in zip(cols, es):
+        x = call("rotate_cols", x, idx, e)
+    return x
+
+
+def block_grads(works: list[Work], batch: ByKey) -> dict[Hashable, torch.Tensor]:
+    """Per key of ``batch``, the (n_blocks, b, b) products G[s_k] W[s_k]^T (row keys) and W[:, t_k]^T G[:, t_k]
+    (column keys) of every weight, concatenated in the order of ``batch``'s entries (the works' blocks)."""
+    raw = []
+    for w in works:
+        g = to_local(w.p.grad).to(w.fdtype)
+        wt = to_local(w.p).detach().to(w.fdtype)
+        raw += [call("row_block_grad", g, wt, idx) for idx in w.rows]
+        raw += [call("col_block_grad", wt, g, idx) for idx in w.cols]
+    return batch.cat(raw)
+
+
+def rewrite(w: Work, mats: list[torch.Tensor], store_base: bool) -> torch.Tensor:
+    """The new weight: R W0 P (paper mode; ``mats`` the new rotations, row blocks first) or the incremental
+    update of W (lean mode; ``mats`` the deltas)."""
+    base = to_local(w.st["w0"]) if store_base else to_local(w.p).detach().to(w.fdtype)
+    nrow = len(w.rows)
+    return apply_blocks(base, w.rows, mats[:nrow], w.cols, mats[nrow:])
