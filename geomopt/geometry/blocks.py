@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["block_sizes", "block_layout", "rotate_rows", "rotate_cols", "row_block_grad", "col_block_grad"]
+__all__ = ["block_sizes", "block_layout", "rotate_rows", "rotate_cols", "rotate_rows_", "rotate_cols_",
+           "row_block_grad", "col_block_grad"]
 
 
 def block_sizes(dim: int, block: int, fully_stochastic: bool) -> list[tuple[int, int]]:
@@ -42,15 +43,25 @@ def block_layout(perm: torch.Tensor, block: int, fully_stochastic: bool) -> list
 
 def rotate_rows(x: torch.Tensor, idx: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Y = R X: rows ``idx[k]`` of x replaced by ``d[k] @ x[idx[k]]``; other rows copied. Out of place."""
-    flat = idx.reshape(-1)
-    return x.index_copy(0, flat, torch.bmm(d, x.index_select(0, flat).view(*idx.shape, -1)).view(flat.numel(), -1))
+    return rotate_rows_(x.clone(), idx, d)
 
 
 def rotate_cols(x: torch.Tensor, idx: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """Y = X P: columns ``idx[k]`` of x replaced by ``x[:, idx[k]] @ e[k]``; other columns copied."""
+    return rotate_cols_(x.clone(), idx, e)
+
+
+def rotate_rows_(x: torch.Tensor, idx: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``rotate_rows`` in place (x is returned): the rows are gathered before any is written."""
+    flat = idx.reshape(-1)
+    return x.index_copy_(0, flat, torch.bmm(d, x.index_select(0, flat).view(*idx.shape, -1)).view(flat.numel(), -1))
+
+
+def rotate_cols_(x: torch.Tensor, idx: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``rotate_cols`` in place (x is returned)."""
     flat = idx.reshape(-1)
     blocks = x.index_select(1, flat).view(x.shape[0], *idx.shape).transpose(0, 1)  # (n_blocks, m, b)
-    return x.index_copy(1, flat, torch.bmm(blocks, e).transpose(0, 1).reshape(x.shape[0], flat.numel()))
+    return x.index_copy_(1, flat, torch.bmm(blocks, e).transpose(0, 1).reshape(x.shape[0], flat.numel()))
 
 
 def row_block_grad(g: torch.Tensor, m: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -170,17 +170,19 @@ def rotation_inverse(d: torch.Tensor, max_iters: int = 12) -> torch.Tensor:
     Iterates until the largest residual entry, squared, is below the dtype's epsilon; a batch that does not
     converge in ``max_iters`` (a block far from orthogonal) is inverted by ``torch.linalg.inv``.
     """
-    if d.shape[-1] == 0 or d.shape[0] == 0:
+    if d.shape[-1] == 0 or d.numel() == 0:
         return d.clone()
+    if d.dim() != 3:
+        return rotation_inverse(d.reshape(-1, *d.shape[-2:]), max_iters).view(d.shape)
     eps = torch.finfo(d.dtype).eps
     eye = _eye(d.shape[-1], d)
     x = d.transpose(-2, -1)
     for _ in range(max_iters):
-        res = eye - d @ x
+        res = torch.baddbmm(eye.expand_as(d), d, x, alpha=-1.0)
         worst = float(res.abs().amax())
         if not worst < 1.0:  # diverging (or NaN): not near-orthogonal
             break
-        x = x + x @ res
+        x = torch.baddbmm(x, x, res)
         if worst * worst <= eps:
             return x
     return torch.linalg.inv(d)

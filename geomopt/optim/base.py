@@ -106,6 +106,23 @@ def finite_flags(tensors: list[torch.Tensor]) -> torch.Tensor:
     return ok
 
 
+def _fused_supported(tensors: list[torch.Tensor]) -> bool:
+    """Whether torch has a fused Adam/AdamW kernel for every tensor's device (floating-point tensors only)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = _get_fused_kernels_supported_devices()
+    return all(t.device.type in devices and t.is_floating_point() for t in tensors)
+
+
+def _steps_on_device(params: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
+    """Fused Adam wants each step count as an fp32 tensor on its parameter's device; a state saved by torch's loop
+    keeps it as a CPU tensor: move it."""
+    for p, s in zip(params, states):
+        step = s.get("step")
+        if isinstance(step, torch.Tensor) and (step.device != p.device or step.dtype != torch.float32):
+            s["step"] = step.to(p.device, torch.float32)
+
+
 def factor_dtype(p: torch.Tensor) -> torch.dtype:
     """The dtype of the factors of weight ``p``: fp32 for bf16/fp16 weights, else the weight's own."""
     return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
@@ -272,10 +289,7 @@ class FactorOptimizer(Optimizer):
         if self._inner_cls not in (torch.optim.Adam, torch.optim.AdamW) or any(
                 k in kw for k in ("fused", "foreach", "capturable", "differentiable")):
             return False
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-        devices = _get_fused_kernels_supported_devices()
-        return all(t.device.type in devices and t.is_floating_point() for t in tensors)
+        return _fused_supported(tensors)
 
     def _fresh_inner(self, factor: torch.Tensor) -> dict[str, Any]:
         """The inner optimizer's state for ``factor`` before its first step, when that state is known
@@ -295,17 +309,21 @@ class FactorOptimizer(Optimizer):
     def _init_dense_state(self, p: torch.Tensor) -> None:
         """The state the dense AdamW creates on its first step, before that step (so a later real step
         is the same as on a fresh optimizer)."""
-        self.state[p].update(_adam_first_state(p, False))
+        self.state[p].update(_adam_first_state(p, False, fused=_fused_supported([p])))
 
     def _dense_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        """torch.optim.AdamW on ``params`` with the group's hyperparameters; state in self.state."""
+        """torch.optim.AdamW on ``params`` with the group's hyperparameters (its fused kernel where torch has one
+        for their device: the same update in one call); state in self.state."""
         if self._dense is None:
             self._dense = torch.optim.AdamW([torch.zeros(1)])
         opt = self._dense
         opt.state = self.state  # type: ignore[assignment]
         g = opt.param_groups[0]
+        fused = _fused_supported(params)
+        if fused:
+            _steps_on_device(params, [self.state[p] for p in params])
         g.update(params=params, lr=group["lr"], betas=tuple(group["betas"]), eps=group["eps"],
-                 weight_decay=group["weight_decay"], maximize=group.get("maximize", False))
+                 weight_decay=group["weight_decay"], maximize=group.get("maximize", False), fused=fused)
         opt.step()
         g["params"] = []
 
@@ -320,11 +338,8 @@ class FactorOptimizer(Optimizer):
         g = opt.param_groups[0]
         if self._auto_fused([]):  # fused where torch has the kernel (see _auto_fused)
             g["fused"] = self._auto_fused(factors)
-            if g["fused"]:  # a state saved by the loop keeps its step count on the CPU: the kernel wants it here
-                for f, s in zip(factors, states):
-                    step = s.get("step")
-                    if isinstance(step, torch.Tensor) and (step.device != f.device or step.dtype != torch.float32):
-                        s["step"] = step.to(f.device, torch.float32)
+            if g["fused"]:
+                _steps_on_device(factors, states)
         view = defaultdict(dict)
         for f, s in zip(factors, states):
             view[f] = s

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any
 
 import torch
@@ -119,6 +120,7 @@ class POETOptimizer(FactorOptimizer):
                         exact_cayley=exact_cayley, merge_every=merge_every, store_base=store_base,
                         max_q_norm=max_q_norm, row_shards=row_shards)
         super().__init__(params, defaults, inner=inner, inner_kwargs=inner_kwargs, seed=seed, nonfinite=nonfinite)
+        self._layout_cache: dict[int, tuple] = {}  # id(param) -> (weakref, key, layout); see _blocks
 
     # ------------------------------------------------------------------ arguments
     def _check_group(self, group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
@@ -169,7 +171,19 @@ class POETOptimizer(FactorOptimizer):
         return shard is not None and self._chunks(p, group) == shard.world
 
     def _blocks(self, p: torch.Tensor, st: dict[str, Any], group: dict[str, Any]) -> tuple[Any, list, list]:
-        """(shard or None, row index blocks, column index blocks) of the rows this rank steps."""
+        """(shard or None, row index blocks, column index blocks) of the rows this rank steps; kept while the
+        permutations (new tensors at every merge and load) and the block settings stay the same."""
+        key = (st.get("perm_row"), st.get("perm_col"), group["block_size"], group["mode"], group["row_shards"])
+        hit = self._layout_cache.get(id(p))
+        if hit is not None and hit[0]() is p and all(
+                a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(hit[1], key)):
+            return hit[2]
+        out = self._compute_blocks(p, st, group)
+        cache = self._layout_cache  # the entry goes with the tensor (a gathered FSDP2 copy lives for one step)
+        cache[id(p)] = (weakref.ref(p, lambda _, k=id(p): cache.pop(k, None)), key, out)
+        return out
+
+    def _compute_blocks(self, p: torch.Tensor, st: dict[str, Any], group: dict[str, Any]) -> tuple[Any, list, list]:
         shard = row_shard(p) if self._steps_shard(p, group) else None
         perm_row = to_local(st["perm_row"])
         if shard is not None:
@@ -310,12 +324,16 @@ class POETOptimizer(FactorOptimizer):
                 exact = rotations(w.qs, w.rows + w.cols, None)
                 mine = exact if group["store_base"] else [
                     delta(side, r, olds[i], invs[i]) for i, (side, _), r in zip(idx, w.sides(), exact)]
-            w_new = rewrite(w, mine, group["store_base"])
-            to_local(w.p).copy_(w_new)
+            w_new, written = rewrite(w, mine, group["store_base"])
+            if not written:
+                to_local(w.p).copy_(w_new)
             w.st["step"] += 1
             w.st["since_merge"] += 1
             if early or w.st["since_merge"] >= group["merge_every"]:
-                keep = None if not group["store_base"] else w_new if w.shard is None else like(w_new, w.shard)
+                keep = None
+                if group["store_base"]:  # the new W0 (its own copy when the weight itself was rotated)
+                    keep = w_new.clone() if written else w_new
+                    keep = keep if w.shard is None else like(keep, w.shard)
                 self._merge(w.p, w.st, group, keep, early)
 
     @staticmethod

@@ -12,6 +12,7 @@ from typing import Any, Hashable, NamedTuple
 import torch
 
 from ..geometry import skew_norm_bound
+from ..geometry.blocks import rotate_rows_
 from ..geometry.cayley import cayley_neumann_with_bound
 from ..geometry.dispatch import REFERENCES, call, kernel_for
 from .batching import ByKey
@@ -85,9 +86,27 @@ def block_grads(works: list[Work], batch: ByKey) -> dict[Hashable, torch.Tensor]
     return batch.cat(raw)
 
 
-def rewrite(w: Work, mats: list[torch.Tensor], store_base: bool) -> torch.Tensor:
+def rewrite(w: Work, mats: list[torch.Tensor], store_base: bool) -> tuple[torch.Tensor, bool]:
     """The new weight: R W0 P (paper mode; ``mats`` the new rotations, row blocks first) or the incremental
-    update of W (lean mode; ``mats`` the deltas)."""
-    base = to_local(w.st["w0"]) if store_base else to_local(w.p).detach().to(w.fdtype)
+    update of W (lean mode; ``mats`` the deltas). Returns (new weight, whether it was written into the weight
+    itself): on the reference path, when the weight has the factor dtype, the rotations run in place on it
+    (after W <- W0 in paper mode), which saves two copies of W per step."""
+    target = to_local(w.p)
     nrow = len(w.rows)
-    return apply_blocks(base, w.rows, mats[:nrow], w.cols, mats[nrow:])
+    in_place = (target.dtype == w.fdtype and target.is_contiguous() and all(
+        kernel_for(name, target) is REFERENCES[name] for name in ("rotate_rows", "rotate_cols")))
+    if not in_place:
+        base = to_local(w.st["w0"]) if store_base else target.detach().to(w.fdtype)
+        return apply_blocks(base, w.rows, mats[:nrow], w.cols, mats[nrow:]), False
+    x = target.detach()
+    base = to_local(w.st["w0"]) if store_base else x
+    if w.cols:  # X P as rows of the transpose, (X P)^T = P^T X^T: contiguous gathers instead of strided ones
+        xt = base.t().contiguous()
+        for idx, e in zip(w.cols, mats[nrow:]):
+            rotate_rows_(xt, idx, e.transpose(1, 2))
+        x.copy_(xt.t())
+    elif store_base:
+        x.copy_(base)
+    for idx, d in zip(w.rows, mats[:nrow]):
+        rotate_rows_(x, idx, d)
+    return x, True
