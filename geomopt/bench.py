@@ -90,67 +90,94 @@ def next_token_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
 
 
+class Run:
+    """One optimizer's training run on the benchmark's model and batches, advanced a few steps at a time, so
+    that the runs of several optimizers can take turns (``run``)."""
+
+    def __init__(self, name: str, args: argparse.Namespace, progress: bool = True):
+        torch.set_num_threads(args.threads)
+        self.name, self.args = name, args
+        train_tokens, val_tokens = corpus.load_corpus(args.max_bytes, args.text_file)
+        self.train_tokens = train_tokens
+        self.windows = corpus.eval_windows(val_tokens, args.eval_windows, args.seq_len).to(args.device)
+        self.model = model = build_model(args).to(args.device)
+        if name.startswith("poet") and args.poet_init == "normalized":
+            normalized_gaussian_(model, generator=torch.Generator().manual_seed(args.seed))
+        self.linears = [p for g in build_param_groups(model) if g["factorize"] for p in g["params"]]
+        self.sv0 = [torch.linalg.svdvals(w.detach().double()) for w in self.linears]
+        base, self.in_bwd = name.removesuffix(IN_BACKWARD), name.endswith(IN_BACKWARD)
+        make, default_lr = OPTIMIZERS[base]
+        self.lr = getattr(args, f"lr_{base.replace('-', '_')}", None) or default_lr
+        self.opt = make(model, self.lr, args)
+        if self.in_bwd:
+            step_in_backward(model, self.opt)  # loss.backward() steps each weight; opt.step() finds no gradient
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(args.steps, max(1, args.steps // 10)))
+        self.gen = torch.Generator().manual_seed(args.seed + 1)  # the same batches for every optimizer
+        self.step_time = self.train_time = 0.0
+        self.peak_state = 0
+        self.curve = [(0, evaluate(model, self.windows))]
+        self.grown: list[tuple] = []  # (step, tokens, val loss before, val loss after)
+        self.step = 0
+        self.loss = float("nan")
+        self.bar = _progress(args.steps, name, args.quiet or not progress)
+
+    def advance(self, steps: int) -> None:
+        """Train up to ``steps`` more steps (fewer at the end of the run)."""
+        args, model, opt = self.args, self.model, self.opt
+        for _ in range(min(steps, args.steps - self.step)):
+            self.step += 1
+            batch = corpus.sample_batch(self.train_tokens, args.batch, args.seq_len, self.gen).to(args.device)
+            t0 = time.perf_counter()
+            loss = next_token_loss(model, batch)
+            loss.backward()
+            _sync(args.device)  # the step's time must not include the tail of the backward's GPU work
+            t1 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            self.sched.step()
+            _sync(args.device)
+            t2 = time.perf_counter()
+            self.step_time += t2 - t1
+            self.train_time += t2 - t0
+            self.peak_state = max(self.peak_state, state_bytes(opt))  # factors' inner state is dropped at merges
+            tokens = self.step * args.batch * args.seq_len
+            for at, kwargs in args.grow:
+                if at == self.step:
+                    before = evaluate(model, self.windows)
+                    expand(model, opt, seed=args.seed + self.step, **kwargs)
+                    after = evaluate(model, self.windows)
+                    self.grown.append((self.step, tokens, before, after))
+                    self.curve.append((tokens, after))
+            if self.step % args.eval_every == 0 or self.step == args.steps:
+                self.curve.append((tokens, evaluate(model, self.windows)))
+            self.loss = loss.item()
+            self.bar(self.step, self.loss)
+
+    def finish(self) -> dict[str, Any]:
+        """The run's row of the table."""
+        args, curve = self.args, self.curve
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        drift = None if self.grown else max(  # singular values of grown weights are not comparable
+            float(((torch.linalg.svdvals(w.detach().double()) - s0).abs() / s0.clamp_min(1e-12)).max())
+            for w, s0 in zip(self.linears, self.sv0))
+        row = dict(optimizer=self.name, lr=self.lr, val_loss=curve[-1][1], val_ppl=math.exp(curve[-1][1]),
+                   tokens_per_s=args.steps * args.batch * args.seq_len / self.train_time,
+                   step_ms=None if self.in_bwd else 1000 * self.step_time / args.steps,
+                   state_bytes=self.peak_state, peak_rss_bytes=peak, spectrum_drift=drift,
+                   curve=curve, stats=getattr(self.opt, "stats", {}), growth=self.grown,
+                   trainable=trainable_count(self.opt))
+        if args.device.startswith("cuda"):
+            row["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+        return row
+
+
 def train_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Train one optimizer; returns its row of the table."""
-    torch.set_num_threads(args.threads)
-    train_tokens, val_tokens = corpus.load_corpus(args.max_bytes, args.text_file)
-    windows = corpus.eval_windows(val_tokens, args.eval_windows, args.seq_len)
-    model = build_model(args).to(args.device)
-    if name.startswith("poet") and args.poet_init == "normalized":
-        normalized_gaussian_(model, generator=torch.Generator().manual_seed(args.seed))
-    linears = [p for g in build_param_groups(model) if g["factorize"] for p in g["params"]]
-    sv0 = [torch.linalg.svdvals(w.detach().double()) for w in linears]
-    base, in_bwd = name.removesuffix(IN_BACKWARD), name.endswith(IN_BACKWARD)
-    make, default_lr = OPTIMIZERS[base]
-    lr = getattr(args, f"lr_{base.replace('-', '_')}", None) or default_lr
-    opt = make(model, lr, args)
-    if in_bwd:
-        step_in_backward(model, opt)  # loss.backward() steps each weight; opt.step() below finds no gradient
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.steps, max(1, args.steps // 10)))
-    gen = torch.Generator().manual_seed(args.seed + 1)  # the same batches for every optimizer
-    curve, step_time, train_time, peak_state = [], 0.0, 0.0, 0
-    curve.append((0, evaluate(model, windows.to(args.device))))
-    bar = _progress(args.steps, name, args.quiet)
-    grown = []  # (step, tokens, val loss before, val loss after)
-    for step in range(1, args.steps + 1):
-        batch = corpus.sample_batch(train_tokens, args.batch, args.seq_len, gen).to(args.device)
-        t0 = time.perf_counter()
-        loss = next_token_loss(model, batch)
-        loss.backward()
-        _sync(args.device)  # the step's time must not include the tail of the backward's GPU work
-        t1 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        _sync(args.device)
-        t2 = time.perf_counter()
-        step_time += t2 - t1
-        train_time += t2 - t0
-        peak_state = max(peak_state, state_bytes(opt))  # factors' inner state is dropped at merges
-        for at, kwargs in args.grow:
-            if at == step:
-                before = evaluate(model, windows.to(args.device))
-                expand(model, opt, seed=args.seed + step, **kwargs)
-                after = evaluate(model, windows.to(args.device))
-                grown.append((step, step * args.batch * args.seq_len, before, after))
-                curve.append((step * args.batch * args.seq_len, after))
-        if step % args.eval_every == 0 or step == args.steps:
-            curve.append((step * args.batch * args.seq_len, evaluate(model, windows.to(args.device))))
-        bar(step, loss.item())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    drift = None if grown else max(  # singular values of grown weights are not comparable
-        float(((torch.linalg.svdvals(w.detach().double()) - s0).abs() / s0.clamp_min(1e-12)).max())
-        for w, s0 in zip(linears, sv0))
-    row = dict(optimizer=name, lr=lr, val_loss=curve[-1][1], val_ppl=math.exp(curve[-1][1]),
-               tokens_per_s=args.steps * args.batch * args.seq_len / train_time,
-               step_ms=None if in_bwd else 1000 * step_time / args.steps,
-               state_bytes=peak_state, peak_rss_bytes=peak, spectrum_drift=drift,
-               curve=curve, stats=getattr(opt, "stats", {}), growth=grown, trainable=trainable_count(opt))
-    if args.device.startswith("cuda"):
-        row["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
-    return row
+    """Train one optimizer start to end; returns its row of the table."""
+    run_ = Run(name, args)
+    run_.advance(args.steps)
+    return run_.finish()
 
 
 def _sync(device: str) -> None:
@@ -159,48 +186,97 @@ def _sync(device: str) -> None:
 
 
 def _progress(total: int, name: str, quiet: bool):
+    """A callback ``(steps done so far, last loss)`` that shows progress: tqdm's bar, or a line every tenth."""
     if quiet:
         return lambda step, loss: None
     try:
         from tqdm import tqdm
     except ImportError:
+        shown = [0]
+
         def plain(step: int, loss: float) -> None:
-            if step % max(1, total // 10) == 0 or step == total:
+            if step - shown[0] >= max(1, total // 10) or step == total:
+                shown[0] = step
                 print(f"{name}: step {step}/{total} loss {loss:.3f}", file=sys.stderr, flush=True)
         return plain
     bar = tqdm(total=total, desc=f"{name:>10}", file=sys.stderr, mininterval=1.0)
 
     def update(step: int, loss: float) -> None:
-        bar.update(1)
+        bar.update(step - bar.n)
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         if step == total:
             bar.close()
     return update
 
 
-def _child(name: str, args: argparse.Namespace, queue) -> None:
+TURN_STEPS = 10  # steps an optimizer's process trains before the next one takes its turn
+
+
+def _child(name: str, args: argparse.Namespace, conn) -> None:
+    """One optimizer's process: set up, then train TURN_STEPS steps whenever the parent says so."""
     try:
-        queue.put(("ok", train_one(name, args)))
+        run_ = Run(name, args, progress=False)
+        conn.send(("ready", 0, run_.loss))
+        while True:
+            what = conn.recv()
+            if what == "advance":
+                run_.advance(TURN_STEPS)
+                conn.send(("advanced", run_.step, run_.loss))
+            else:
+                conn.send(("ok", run_.finish(), None))
+                return
     except BaseException as err:  # report, never hang the parent
-        queue.put(("error", f"{type(err).__name__}: {err}"))
+        conn.send(("error", f"{type(err).__name__}: {err}", None))
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    rows = []
-    for name in args.optimizers:
-        if args.in_process:
-            rows.append(train_one(name, args))
-            continue
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_child, args=(name, args, queue))
-        proc.start()
-        status, payload = queue.get()
-        proc.join()
-        if status != "ok":
-            raise RuntimeError(f"optimizer {name!r} failed: {payload}")
-        rows.append(payload)
-    return rows
+    """Train every optimizer; returns the rows. By default each optimizer trains in its own spawned process (so
+    peak memory is its own) and the processes take turns, TURN_STEPS steps each, so that every optimizer's
+    timings come from the same minutes of the machine (a shared machine's speed drifts by 10-20% from one
+    minute to the next). ``--in-process`` trains them one after another in this process."""
+    if args.in_process:
+        return [train_one(name, args) for name in args.optimizers]
+    ctx = mp.get_context("spawn")
+    procs = []
+    try:
+        for name in args.optimizers:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_child, args=(name, args, child), daemon=True)
+            proc.start()
+            procs.append((name, proc, parent))
+        for name, _, conn in procs:
+            _expect(name, conn, "ready")
+        bar = _progress(args.steps * len(procs), "all", args.quiet)
+        rows: dict[str, dict[str, Any]] = {}
+        steps = dict.fromkeys(args.optimizers, 0)
+        while len(rows) < len(procs):
+            for name, _, conn in procs:
+                if name in rows:
+                    continue
+                conn.send("advance")
+                step, loss = _expect(name, conn, "advanced")
+                steps[name] = step
+                bar(sum(steps.values()), loss)
+                if step >= args.steps:
+                    conn.send("finish")
+                    rows[name] = _expect(name, conn, "ok")[0]
+        return [rows[name] for name in args.optimizers]
+    finally:
+        for _, proc, conn in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.terminate()
+            conn.close()
+
+
+def _expect(name: str, conn, what: str) -> tuple:
+    """The payload of the child's next message, which must be ``what``."""
+    status, payload, extra = conn.recv()
+    if status == "error":
+        raise RuntimeError(f"optimizer {name!r} failed: {payload}")
+    if status != what:
+        raise RuntimeError(f"optimizer {name!r}: expected {what!r}, got {status!r}")
+    return (payload, extra)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

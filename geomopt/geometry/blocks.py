@@ -51,10 +51,12 @@ def rotate_cols(x: torch.Tensor, idx: torch.Tensor, e: torch.Tensor) -> torch.Te
     return rotate_cols_(x.clone(), idx, e)
 
 
-def rotate_rows_(x: torch.Tensor, idx: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``rotate_rows`` in place (x is returned): the rows are gathered before any is written."""
+def rotate_rows_(x: torch.Tensor, idx: torch.Tensor, d: torch.Tensor, src: torch.Tensor | None = None) -> torch.Tensor:
+    """``rotate_rows`` in place (x is returned): the rows are gathered before any is written. With ``src``, rows
+    ``idx[k]`` of x become ``d[k] @ src[idx[k]]`` and the other rows of x are left as they are."""
     flat = idx.reshape(-1)
-    return x.index_copy_(0, flat, torch.bmm(d, x.index_select(0, flat).view(*idx.shape, -1)).view(flat.numel(), -1))
+    src = x if src is None else src
+    return x.index_copy_(0, flat, torch.bmm(d, src.index_select(0, flat).view(*idx.shape, -1)).view(flat.numel(), -1))
 
 
 def rotate_cols_(x: torch.Tensor, idx: torch.Tensor, e: torch.Tensor) -> torch.Tensor:

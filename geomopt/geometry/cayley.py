@@ -106,8 +106,9 @@ def _skew_poly(Q: torch.Tensor, b: int, terms: int, need_y2: bool = False) -> tu
     y = Q @ Q
     y2 = y @ y if terms in (4, 5) or need_y2 else None
     if terms % 2:  # T = I (k = 1), I + Y (k = 3), I + Y + Y^2 (k = 5)
-        a = torch.add(eye + y, Q, alpha=2.0)
-        t = None if terms == 1 else eye + y if terms == 3 else eye + y + y2
+        eye_y = eye + y
+        a = torch.add(eye_y, Q, alpha=2.0)
+        t = None if terms == 1 else eye_y if terms == 3 else eye_y + y2
         return (a if t is None else a @ t), (Q, y, a, t), y2
     e, o = _even_odd(terms)  # E, O of degree 1 (k = 2) or 2 (k = 4)
     poly_e, poly_o = e[0] * eye + e[1] * y, o[0] * eye + o[1] * y

@@ -21,9 +21,10 @@ __all__ = ["ByKey", "chunks", "BATCH_ELEMENTS"]
 BATCH_ELEMENTS = 1 << 22
 
 
-def chunks(items: Sequence[Any], sizes: Iterable[int], budget: int = BATCH_ELEMENTS) -> Iterator[list[Any]]:
-    """Consecutive runs of ``items`` whose ``sizes`` sum to at most ``budget`` (an item larger than the budget
-    is a run of its own); the order is kept."""
+def chunks(items: Sequence[Any], sizes: Iterable[int], budget: int | None = None) -> Iterator[list[Any]]:
+    """Consecutive runs of ``items`` whose ``sizes`` sum to at most ``budget`` (default ``BATCH_ELEMENTS``; an item
+    larger than the budget is a run of its own); the order is kept."""
+    budget = BATCH_ELEMENTS if budget is None else budget
     run: list[Any] = []
     total = 0
     for item, size in zip(items, sizes):

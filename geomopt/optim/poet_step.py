@@ -12,7 +12,7 @@ from typing import Any, Hashable, NamedTuple
 import torch
 
 from ..geometry import skew_norm_bound
-from ..geometry.blocks import rotate_rows_
+from ..geometry.blocks import rotate_cols_, rotate_rows_
 from ..geometry.cayley import cayley_neumann_with_bound
 from ..geometry.dispatch import REFERENCES, call, kernel_for
 from .batching import ByKey
@@ -99,14 +99,14 @@ def rewrite(w: Work, mats: list[torch.Tensor], store_base: bool) -> tuple[torch.
         base = to_local(w.st["w0"]) if store_base else target.detach().to(w.fdtype)
         return apply_blocks(base, w.rows, mats[:nrow], w.cols, mats[nrow:]), False
     x = target.detach()
-    base = to_local(w.st["w0"]) if store_base else x
-    if w.cols:  # X P as rows of the transpose, (X P)^T = P^T X^T: contiguous gathers instead of strided ones
-        xt = base.t().contiguous()
-        for idx, e in zip(w.cols, mats[nrow:]):
-            rotate_rows_(xt, idx, e.transpose(1, 2))
-        x.copy_(xt.t())
-    elif store_base:
-        x.copy_(base)
+    src = None
+    if store_base:  # W <- R W0 row block by row block when the blocks cover every row, else W <- W0 first
+        src = to_local(w.st["w0"])
+        if sum(idx.numel() for idx in w.rows) != x.shape[0]:
+            x.copy_(src)
+            src = None
     for idx, d in zip(w.rows, mats[:nrow]):
-        rotate_rows_(x, idx, d)
+        rotate_rows_(x, idx, d, src)
+    for idx, e in zip(w.cols, mats[nrow:]):
+        rotate_cols_(x, idx, e)
     return x, True

@@ -121,12 +121,20 @@ def local_state(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def put_back(state: dict[str, Any], view: dict[str, Any], shard: RowShard | None, local_shape: Any) -> None:
-    """Entries an inner optimizer created in ``view`` (lazily) go back into ``state``: shaped like the local
-    factor, as row-sharded DTensors; otherwise as they are. In-place updates needed no copy."""
+    """Entries of ``view`` that are not ``state``'s own (created lazily by the inner optimizer, or replaced, such
+    as a step count moved to the device for a fused kernel) go back into ``state``: shaped like the local factor,
+    as row-sharded DTensors; otherwise as they are. In-place updates needed no copy."""
     for k, v in view.items():
-        if k not in state:
+        if k not in state or not _same(to_local(state[k]), v):
             sharded = shard is not None and isinstance(v, torch.Tensor) and v.shape == local_shape
             state[k] = like(v, shard) if sharded else v
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether a and b are one value (tensors: the same storage, offset and shape)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype)
+    return a is b
 
 
 def gather(optimizer: Any, params: list[torch.Tensor], keep: Any = None) -> tuple[list[torch.Tensor], dict]:

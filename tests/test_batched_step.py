@@ -1,0 +1,193 @@
+"""The fast paths of the optimizer step equal their plain forms: the Cayley-Neumann map in powers of Q^2 (and its
+hand-written backward) equals Horner's scheme through autograd, the Newton-Schulz inverse equals an LU inverse,
+the batched POET step equals itself cut into runs, in-place rotations equal out-of-place ones, the fused inner
+Adam equals torch's loop, and the one-norm non-finite check flags exactly what isfinite flags (float64)."""
+import pytest
+import torch
+from chain_model import chain_forward, make_chain
+from conftest import rel_err
+
+import geomopt
+from geomopt.geometry import cayley_exact, cayley_neumann, rotate_cols, rotate_rows, skew_norm_bound, skew_size
+from geomopt.geometry.blocks import block_layout, rotate_cols_, rotate_rows_
+from geomopt.geometry.cayley import cayley_neumann_horner, cayley_neumann_with_bound, rotation_inverse
+from geomopt.optim import batching, poet_step
+from geomopt.optim.base import finite_flags
+
+f64 = torch.float64
+
+
+def rand_q(nblk, b, seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(nblk, skew_size(b), generator=g, dtype=f64) * scale
+
+
+@pytest.mark.parametrize("terms", [1, 2, 3, 4, 5, 6, 7])
+@pytest.mark.parametrize("b", [2, 5, 16, 33])
+def test_cayley_neumann_equals_horner_with_its_gradient(b, terms):
+    q = rand_q(4, b, seed=b + terms, scale=0.3 / b ** 0.5).requires_grad_()
+    up = torch.randn(4, b, b, generator=torch.Generator().manual_seed(terms), dtype=f64)
+    fast, plain = cayley_neumann(q, b, terms), cayley_neumann_horner(q, b, terms)
+    assert (fast - plain).abs().max() < 1e-14
+    g_fast, = torch.autograd.grad(fast, q, up)
+    g_plain, = torch.autograd.grad(plain, q, up)
+    assert (g_fast - g_plain).abs().max() < 1e-13 * max(1.0, float(g_plain.abs().max()))
+
+
+@pytest.mark.parametrize("terms", [1, 2, 3, 4, 5])
+def test_cayley_neumann_backward_passes_gradcheck(terms):
+    q = rand_q(2, 6, seed=terms, scale=0.4).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: cayley_neumann(x, 6, terms), (q,))
+
+
+def test_cayley_neumann_keeps_leading_dims_and_refuses_a_second_derivative():
+    q = rand_q(6, 4, seed=0, scale=0.2)
+    assert torch.equal(cayley_neumann(q.view(2, 3, -1), 4, 5), cayley_neumann(q, 4, 5).view(2, 3, 4, 4))
+    leaf = q.clone().requires_grad_()
+    g, = torch.autograd.grad(cayley_neumann(leaf, 4, 5).sum(), leaf, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad|twice"):  # never a silently wrong value
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("terms", [1, 3, 4, 5, 7])
+def test_map_with_bound_equals_the_map_and_the_bound(terms):
+    q = rand_q(9, 11, seed=terms, scale=0.2)
+    r, bound = cayley_neumann_with_bound(q, 11, terms)
+    assert (r - cayley_neumann(q, 11, terms)).abs().max() < 1e-14
+    assert (bound - skew_norm_bound(q, 11)).abs().max() < 1e-14
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-3, 0.05, 0.2])
+@pytest.mark.parametrize("terms", [None, 4, 5])
+def test_newton_schulz_inverse_equals_lu(scale, terms):
+    q = rand_q(20, 16, seed=3, scale=scale / 4)
+    d = cayley_exact(q, 16) if terms is None else cayley_neumann(q, 16, terms)
+    assert (rotation_inverse(d) - torch.linalg.inv(d)).abs().max() < 1e-13
+
+
+def test_newton_schulz_falls_back_to_lu_far_from_orthogonal():
+    d = torch.randn(5, 7, 7, generator=torch.Generator().manual_seed(0), dtype=f64) + 3 * torch.eye(7, dtype=f64)
+    assert torch.equal(rotation_inverse(d), torch.linalg.inv(d))
+
+
+@pytest.mark.parametrize("m,n,b", [(24, 16, 8), (37, 5, 6), (63, 20, 16)])
+def test_in_place_rotations_equal_out_of_place(m, n, b):
+    g = torch.Generator().manual_seed(m)
+    x, src = torch.randn(m, n, generator=g, dtype=f64), torch.randn(m, n, generator=g, dtype=f64)
+    for idx in block_layout(torch.randperm(m, generator=g), b, False):
+        d = torch.randn(idx.shape[0], idx.shape[1], idx.shape[1], generator=g, dtype=f64)
+        assert torch.equal(rotate_rows_(x.clone(), idx, d), rotate_rows(x, idx, d))
+        want = x.clone()
+        want[idx.reshape(-1)] = rotate_rows(src, idx, d)[idx.reshape(-1)]
+        assert torch.equal(rotate_rows_(x.clone(), idx, d, src), want)
+    for idx in block_layout(torch.randperm(n, generator=g), b, False):
+        e = torch.randn(idx.shape[0], idx.shape[1], idx.shape[1], generator=g, dtype=f64)
+        assert torch.equal(rotate_cols_(x.clone(), idx, e), rotate_cols(x, idx, e))
+
+
+def test_by_key_round_trip_and_chunks():
+    ts = [torch.full((c, 3), float(i)) for i, c in enumerate([2, 1, 4, 3])]
+    batch = batching.ByKey(["a", "b", "a", "b"], [2, 1, 4, 3])
+    cats = batch.cat(ts)
+    assert list(cats) == ["a", "b"] and cats["a"].shape == (6, 3) and cats["b"].shape == (4, 3)
+    assert all(torch.equal(x, y) for x, y in zip(batch.split(cats), ts))
+    assert [o.tolist() for o in batch.owners([0, 1, 2, 3]).values()] == [[0, 0, 2, 2, 2, 2], [1, 3, 3, 3]]
+    assert list(batching.chunks("abcde", [3, 3, 9, 1, 1], budget=6)) == [["a", "b"], ["c"], ["d", "e"]]
+    with pytest.raises(ValueError, match="same length"):
+        batching.ByKey(["a"], [1, 2])
+
+
+SHAPES = [(24, 13), (20, 24), (10, 20), (7, 10)]
+
+
+def train_chain(make, steps=30, seed=1):
+    layers, scale = make_chain(SHAPES, 0)
+    params = [(f"layers.{i}.weight", layer.weight) for i, layer in enumerate(layers)] + [("scale", scale)]
+    opt = make(params)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randn(32, SHAPES[0][1], generator=g), torch.randn(32, SHAPES[-1][0], generator=g)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(chain_forward([layer.weight for layer in layers], scale, x), y).backward()
+        opt.step()
+    return [layer.weight.detach().clone() for layer in layers] + [scale.detach().clone()], opt
+
+
+POET_CASES = {"paper": {}, "lean": dict(store_base=False), "fs": dict(mode="fs", block_size=0.5),
+              "safeguard": dict(max_q_norm=0.05)}
+
+
+@pytest.mark.parametrize("case", list(POET_CASES))
+def test_poet_in_runs_equals_one_batch(case, float64, monkeypatch):
+    def make(params):
+        kw = dict(lr=2e-2, block_size=8, merge_every=7) | POET_CASES[case]
+        return geomopt.POET(params, **kw)
+
+    whole, opt = train_chain(make)
+    if case == "safeguard":
+        assert opt.stats["early_merges"] > 0  # the exact-Cayley path ran
+    monkeypatch.setattr(batching, "BATCH_ELEMENTS", 1)  # every weight a run of its own
+    runs = []
+    step_run = geomopt.POET._step_run
+    monkeypatch.setattr(geomopt.POET, "_step_run", lambda self, group, works: (runs.append(len(works)),
+                                                                               step_run(self, group, works)))
+    apart, _ = train_chain(make)
+    assert set(runs) == {1} and len(runs) == 30 * len(SHAPES)
+    for a, b in zip(whole, apart):
+        assert rel_err(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("store_base", [True, False], ids=["paper", "lean"])
+def test_poet_rewrite_in_place_equals_out_of_place(store_base, float64, monkeypatch):
+    def make(params):
+        return geomopt.POET(params, lr=2e-2, block_size=8, merge_every=7, store_base=store_base)
+
+    in_place, _ = train_chain(make)
+    monkeypatch.setattr(poet_step, "kernel_for", lambda name, x: None)  # as if a kernel were registered
+    out_of_place, _ = train_chain(make)
+    for a, b in zip(in_place, out_of_place):
+        assert rel_err(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["poet", "relora"])
+def test_fused_inner_adam_equals_the_loop(name, float64):
+    def make(kw):
+        def build(params):
+            if name == "poet":
+                return geomopt.POET(params, lr=2e-2, block_size=8, merge_every=7, inner_kwargs=kw)
+            return geomopt.ReLoRAReset(params, lr=2e-2, rank=3, reset_every=9, inner_kwargs=kw)
+        return build
+
+    fused, opt = train_chain(make(None))
+    assert opt._inner.param_groups[0]["fused"] is True
+    loop, opt = train_chain(make({"weight_decay": 0.0, "fused": False}))
+    assert not opt._inner.param_groups[0]["fused"]
+    for a, b in zip(fused, loop):
+        assert rel_err(a, b) < 1e-10
+
+
+def test_fused_inner_state_round_trips_and_accepts_a_loop_checkpoint(float64):
+    def make(kw):
+        return lambda params: geomopt.POET(params, lr=2e-2, block_size=8, merge_every=50, inner_kwargs=kw)
+
+    _, loop_opt = train_chain(make({"weight_decay": 0.0, "fused": False}), steps=3)
+    layers, scale = make_chain(SHAPES, 0)
+    params = [(f"layers.{i}.weight", layer.weight) for i, layer in enumerate(layers)] + [("scale", scale)]
+    fused = geomopt.POET(params, lr=2e-2, block_size=8, merge_every=50)
+    fused.load_state_dict(loop_opt.state_dict())  # the loop's CPU step counts, then a fused step
+    for layer in layers:
+        layer.weight.grad = torch.randn_like(layer.weight)
+    scale.grad = torch.randn_like(scale)
+    fused.step()
+    st = fused.state[layers[0].weight]["inner_row"][0]
+    assert st["step"].dtype == torch.float32 and float(st["step"]) == 4.0
+
+
+def test_finite_flags_flag_exactly_the_non_finite():
+    big = torch.full((8,), 3e38)  # finite entries whose fp32 norm overflows
+    half = torch.full((4,), 6e4, dtype=torch.float16)  # finite, norm above fp16's range
+    ts = [torch.randn(3, 3), big, half, torch.randn(5, dtype=f64), torch.zeros(0)]
+    assert finite_flags(ts).tolist() == [True] * 5
+    ts[0][1, 1], ts[1][0], ts[3][2] = float("nan"), float("inf"), -float("inf")
+    assert finite_flags(ts).tolist() == [False, False, True, False, True]
+    assert finite_flags([]).numel() == 0
