@@ -2,6 +2,7 @@
 
     python benchmarks/peak_memory.py                         # small preset: adamw, poet, poet-lean, poet-lean+bwd
     python benchmarks/peak_memory.py --optimizers adamw,relora --steps 3
+    python benchmarks/peak_memory.py --batch 1 --seq-len 32    # activations small: weights, gradients, state
 
 A CPU process's resident set (the figure of `geomopt-bench` on CPU) is mostly the interpreter and libraries,
 and torch keeps no allocator peak on CPU. So this script builds the model and the optimizer and runs a few
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=3, help="training steps measured (the state exists after the first)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-bytes", type=int, default=2_000_000, help="bytes of corpus to read")
+    ap.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
+    ap.add_argument("--seq-len", type=int, default=None, help="override the preset's sequence length")
     a = ap.parse_args(argv)
     names = a.optimizers.split(",")
     unknown = [n for n in names if n.removesuffix(bench.IN_BACKWARD) not in bench.OPTIMIZERS]
@@ -76,7 +79,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          f"(NAME{bench.IN_BACKWARD} to step inside backward)")
     if a.steps < 1:
         raise SystemExit(f"--steps must be >= 1, got {a.steps}")
-    args = bench.parse_args(["--preset", a.preset, "--device", a.device, "--max-bytes", str(a.max_bytes)])
+    overrides = [x for k, v in (("--batch", a.batch), ("--seq-len", a.seq_len)) if v is not None for x in (k, str(v))]
+    args = bench.parse_args(["--preset", a.preset, "--device", a.device, "--max-bytes", str(a.max_bytes), *overrides])
     train_tokens, _ = load_corpus(args.max_bytes)
     rows = []
     for name in names:

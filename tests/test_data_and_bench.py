@@ -71,6 +71,16 @@ def test_bench_tiny_writes_results_table_and_plot(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def test_bench_processes_taking_turns_train_as_one_process_does(tmp_path):
+    argv = ["--preset", "tiny", "--optimizers", "adamw,poet", "--quiet", "--block-size", "8", "--steps", "23",
+            "--out", ""]
+    turns = bench.run_bench(argv)  # two spawned processes, TURN_STEPS steps each in turn (23: a short last turn)
+    alone = bench.run_bench(argv + ["--in-process"])
+    assert [r["optimizer"] for r in turns] == ["adamw", "poet"]
+    for a, b in zip(turns, alone):
+        assert a["curve"] == b["curve"] and a["stats"] == b["stats"]
+
+
 def test_bench_cli_runs_in_a_subprocess_and_rejects_bad_flags(tmp_path):
     out = subprocess.run([sys.executable, "-m", "geomopt.bench", "--preset", "tiny", "--optimizers", "poet",
                           "--quiet", "--steps", "3", "--block-size", "8"], capture_output=True, text=True, timeout=300,
