@@ -5,12 +5,10 @@ to fused kernels with the same signature.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch.autograd.function import once_differentiable
 
-from .skew import bound_from_powers, skew_norm_bound, unpack_skew
+from .skew import _triu_flat_pair, bound_from_powers, skew_norm_bound, unpack_skew
 
 __all__ = ["cayley_exact", "cayley_neumann", "cayley_neumann_horner", "cayley_neumann_with_bound", "cayley",
            "rotation_inverse"]
@@ -30,7 +28,7 @@ def cayley_neumann(q: torch.Tensor, b: int, terms: int) -> torch.Tensor:
     error is O(||Q||^(k+1)) for odd k and O(||Q||^(2k+2)) for even k. Differentiable in ``q``.
 
     For k <= 5 the polynomial is evaluated in powers of the symmetric :math:`Y = Q^2` (``_SkewPoly``), with a
-    backward written by hand that uses the symmetry: 3 batched products forward and 4 backward for k = 5,
+    backward written by hand that uses the symmetry: 3 batched products forward and 6 backward for k = 5,
     where Horner's scheme through autograd takes 5 and 10. Larger k use Horner's scheme
     (``cayley_neumann_horner``). Both evaluate the same polynomial (equal up to rounding).
     """
@@ -131,14 +129,8 @@ def cayley_neumann_with_bound(q: torch.Tensor, b: int, terms: int) -> tuple[torc
 def _pack_antisym(d: torch.Tensor, b: int) -> torch.Tensor:
     """dq[i < j] = d[i, j] - d[j, i]: the gradient of ``unpack_skew`` for upstream gradient d."""
     flat = d.reshape(*d.shape[:-2], b * b)
-    upper, lower = _triu_pair(b, d.device)
+    upper, lower = _triu_flat_pair(b, d.device)
     return flat.index_select(-1, upper) - flat.index_select(-1, lower)
-
-
-@functools.lru_cache(maxsize=64)
-def _triu_pair(b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = torch.triu_indices(b, b, offset=1, device=device)
-    return rows * b + cols, cols * b + rows
 
 
 def _even_odd(terms: int) -> tuple[list[float], list[float]]:

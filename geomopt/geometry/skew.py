@@ -20,10 +20,15 @@ def _triu(b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=64)
+def _triu_flat_pair(b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions in a flattened b x b matrix (row-major) of the entries above the diagonal, and of their mirrors."""
+    rows, cols = _triu(b, device)
+    return rows * b + cols, cols * b + rows
+
+
 def _triu_flat(b: int, device: torch.device) -> torch.Tensor:
     """Positions of the entries above the diagonal in a flattened b x b matrix (row-major)."""
-    rows, cols = _triu(b, device)
-    return rows * b + cols
+    return _triu_flat_pair(b, device)[0]
 
 
 def unpack_skew(q: torch.Tensor, b: int) -> torch.Tensor:

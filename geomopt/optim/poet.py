@@ -342,12 +342,12 @@ class POETOptimizer(FactorOptimizer):
         per key of ``batch``, one per block) passes ``limit`` (the maximum over a sharded weight's ranks)."""
         if not block_bounds:
             return [False] * len(works)
-        owners = batch.owners([i for i, w in enumerate(works) for _ in w.qs])
         first = next(iter(block_bounds.values()))
         dtype = functools.reduce(torch.promote_types, [v.dtype for v in block_bounds.values()])
         bounds = torch.zeros(len(works), dtype=dtype, device=first.device)
+        owners = batch.owners([i for i, w in enumerate(works) for _ in w.qs], bounds.device)
         for k, v in block_bounds.items():
-            bounds.scatter_reduce_(0, owners[k].to(bounds.device), v.to(bounds.device, dtype), "amax")
+            bounds.scatter_reduce_(0, owners[k], v.to(bounds.device, dtype), "amax")
         sharded = [w.p if w.shard is not None else None for w in works]
         if any(x is not None for x in sharded):  # a weight's row blocks are spread over its ranks
             bounds = reduce_over_meshes(bounds, sharded, torch.distributed.ReduceOp.MAX)
