@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from .optim.base import _check_number
+from .optim.checks import check_number
 
 __all__ = ["jagged_cosine"]
 
@@ -26,12 +26,12 @@ def jagged_cosine(*, total_steps: int, warmup_steps: int = 0, restart_every: int
         >>> f(0), f(100), f(400), round(f(420), 4) == round(jagged_cosine(total_steps=1000, warmup_steps=100)(420), 4)
         (0.0, 1.0, 0.0, True)
     """
-    _check_number("total_steps", total_steps, low=1, integer=True)
-    _check_number("warmup_steps", warmup_steps, low=0, integer=True)
-    _check_number("restart_warmup_steps", restart_warmup_steps, low=0, integer=True)
-    _check_number("restart_offset", restart_offset, low=0, integer=True)
+    check_number("total_steps", total_steps, low=1, integer=True)
+    check_number("warmup_steps", warmup_steps, low=0, integer=True)
+    check_number("restart_warmup_steps", restart_warmup_steps, low=0, integer=True)
+    check_number("restart_offset", restart_offset, low=0, integer=True)
     if restart_every is not None:
-        _check_number("restart_every", restart_every, low=1, integer=True)
+        check_number("restart_every", restart_every, low=1, integer=True)
     if isinstance(min_lr_ratio, bool) or not isinstance(min_lr_ratio, (int, float)) or not 0 <= min_lr_ratio <= 1:
         raise ValueError(f"min_lr_ratio must be a number in [0, 1], got {min_lr_ratio!r}")
 

@@ -1,7 +1,7 @@
 """The fast paths of the optimizer step equal their plain forms: the Cayley-Neumann map in powers of Q^2 (and its
 hand-written backward) equals Horner's scheme through autograd, the Newton-Schulz inverse equals an LU inverse,
-the batched POET step equals itself cut into runs, in-place rotations equal out-of-place ones, the fused inner
-Adam equals torch's loop, and the one-norm non-finite check flags exactly what isfinite flags (float64)."""
+the batched POET step equals itself cut into runs, in-place rotations equal out-of-place ones, the fused and
+foreach Adam paths equal the loop, and the one-norm non-finite check flags exactly what isfinite flags (float64)."""
 import pytest
 import torch
 from chain_model import chain_forward, make_chain
@@ -11,7 +11,7 @@ import geomopt
 from geomopt.geometry import cayley_exact, cayley_neumann, rotate_cols, rotate_rows, skew_norm_bound, skew_size
 from geomopt.geometry.blocks import block_layout, rotate_cols_, rotate_rows_
 from geomopt.geometry.cayley import cayley_neumann_horner, cayley_neumann_with_bound, rotation_inverse
-from geomopt.optim import batching, poet_step
+from geomopt.optim import batching, functional
 from geomopt.optim.base import finite_flags
 
 f64 = torch.float64
@@ -129,41 +129,36 @@ def test_poet_in_runs_equals_one_batch(case, float64, monkeypatch):
     monkeypatch.setattr(batching, "BATCH_ELEMENTS", 1)  # every weight a run of its own
     runs = []
     step_run = geomopt.POET._step_run
-    monkeypatch.setattr(geomopt.POET, "_step_run", lambda self, group, works: (runs.append(len(works)),
-                                                                               step_run(self, group, works)))
+    monkeypatch.setattr(geomopt.POET, "_step_run", lambda self, group, works, lr: (runs.append(len(works)),
+                                                                                   step_run(self, group, works, lr)))
     apart, _ = train_chain(make)
     assert set(runs) == {1} and len(runs) == 30 * len(SHAPES)
     for a, b in zip(whole, apart):
         assert rel_err(a, b) < 1e-12
 
 
-@pytest.mark.parametrize("store_base", [True, False], ids=["paper", "lean"])
-def test_poet_rewrite_in_place_equals_out_of_place(store_base, float64, monkeypatch):
-    def make(params):
-        return geomopt.POET(params, lr=2e-2, block_size=8, merge_every=7, store_base=store_base)
-
-    in_place, _ = train_chain(make)
-    monkeypatch.setattr(poet_step, "kernel_for", lambda name, x: None)  # as if a kernel were registered
-    out_of_place, _ = train_chain(make)
-    for a, b in zip(in_place, out_of_place):
-        assert rel_err(a, b) < 1e-12
-
-
 @pytest.mark.parametrize("name", ["poet", "relora"])
-def test_fused_inner_adam_equals_the_loop(name, float64):
-    def make(kw):
+def test_fused_inner_adam_equals_the_loop(name, float64, monkeypatch):
+    def make(**kw):
         def build(params):
             if name == "poet":
-                return geomopt.POET(params, lr=2e-2, block_size=8, merge_every=7, inner_kwargs=kw)
-            return geomopt.ReLoRAReset(params, lr=2e-2, rank=3, reset_every=9, inner_kwargs=kw)
+                return geomopt.POET(params, lr=2e-2, block_size=8, merge_every=7, **kw)
+            return geomopt.ReLoRAReset(params, lr=2e-2, rank=3, reset_every=9, **kw)
         return build
 
-    fused, opt = train_chain(make(None))
-    assert opt._inner.param_groups[0]["fused"] is True
-    loop, opt = train_chain(make({"weight_decay": 0.0, "fused": False}))
-    assert not opt._inner.param_groups[0]["fused"]
-    for a, b in zip(fused, loop):
-        assert rel_err(a, b) < 1e-10
+    impls = []
+    adam = functional.adam
+    monkeypatch.setattr(functional, "adam", lambda *a, impl, **kw: (impls.append(impl), adam(*a, impl=impl, **kw)))
+    fused, _ = train_chain(make())  # the factors take the fused kernel by default; the scale its loop
+    assert impls.count("fused") == 30 and impls.count("single") == 30
+    impls.clear()
+    loop, _ = train_chain(make(fused=False))
+    assert set(impls) == {"single"}
+    impls.clear()
+    each, _ = train_chain(make(foreach=True))
+    assert set(impls) == {"foreach"}
+    for a, b, c in zip(fused, loop, each):
+        assert rel_err(a, b) < 1e-10 and rel_err(c, b) < 1e-12
 
 
 def test_fused_inner_state_round_trips_and_accepts_a_loop_checkpoint(float64):

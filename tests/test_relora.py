@@ -169,9 +169,8 @@ def test_in_optimizer_rewarm_follows_the_reset_clock():
     lin = nn.Linear(6, 6, bias=False)
     opt = geomopt.ReLoRAReset([("w", lin.weight)], lr=1.0, rank=2, alpha=2, reset_every=5, restart_warmup_steps=4)
     seen = []
-    real = opt._inner_step
-    opt._inner_step = lambda group, f, s, lr_scale=1.0, clear_grads=True: (seen.append(lr_scale),
-                                                                            real(group, f, s, lr_scale, clear_grads))
+    real = opt._inner.updated
+    opt._inner.updated = lambda f, g, s, lr, **kw: (seen.append(lr), real(f, g, s, lr, **kw))[1]
     for _ in range(16):
         lin.weight.grad = torch.randn(6, 6)
         opt.step()

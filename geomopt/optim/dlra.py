@@ -1,12 +1,15 @@
 """DLRA momentum: geometric heavy-ball and Adam on the fixed-rank manifold, as an optimizer."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
 from ..geometry.lowrank import retract, stabilize, tangent_project, transport
-from .base import FactorOptimizer, _check_number, check_rank, factor_dtype, fill_args_doc
+from . import state as layout
+from .base import FactorOptimizer, check_rank, factor_dtype, fill_args_doc
+from .checks import check_number, flag_defaults
 from .sharded import all_reduce, like, row_shard, to_local, tsqr
 
 __all__ = ["DLRAMomentum", "METHODS"]
@@ -64,32 +67,42 @@ class DLRAMomentum(FactorOptimizer):
         ...     opt.step()
     """
 
+    STATE_MARKER = "U"
+    STRUCTURAL = ("method",)
+    FIXED = ("rank",)
+
     def __init__(self, params: Any, lr: float = 1e-3, *, rank: int = 64, momentum: float = 0.9,
                  method: str = "heavy_ball", beta2: float = 0.999, rank_tol: float | None = None,
                  min_rank: int = 1, max_rank: int | None = None, stabilize_every: int = 0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
-                 seed: int = 0, nonfinite: str = "skip"):
+                 seed: int = 0, nonfinite: str = "skip", external_edits: str = "rebase", maximize: bool = False,
+                 foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
+                 differentiable: bool = False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, factorize=True, rank=rank,
                         momentum=momentum, method=method, beta2=beta2, rank_tol=rank_tol, min_rank=min_rank,
-                        max_rank=max_rank, stabilize_every=stabilize_every)
-        super().__init__(params, defaults, seed=seed, nonfinite=nonfinite)
+                        max_rank=max_rank, stabilize_every=stabilize_every,
+                        **flag_defaults(maximize, foreach, fused, capturable, differentiable))
+        super().__init__(params, defaults, inner=None, seed=seed, nonfinite=nonfinite, external_edits=external_edits)
+
+    def _overwrites(self, group: dict[str, Any]) -> bool:
+        return True  # W is rewritten as U S V^T
 
     def _check_group(self, group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
         check_rank(group, factorized)
         if group["method"] not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {group['method']!r}")
         for key in ("momentum", "beta2"):
-            _check_number(key, group[key], low=0.0)
+            check_number(key, group[key], low=0.0)
             if group[key] >= 1.0:
                 raise ValueError(f"{key} must be in [0, 1), got {group[key]!r}")
         if group["rank_tol"] is not None:
-            _check_number("rank_tol", group["rank_tol"], low=0.0)
+            check_number("rank_tol", group["rank_tol"], low=0.0)
             if group["rank_tol"] >= 1.0:
                 raise ValueError(f"rank_tol must be in [0, 1), got {group['rank_tol']!r}")
-        _check_number("min_rank", group["min_rank"], low=1, integer=True)
+        check_number("min_rank", group["min_rank"], low=1, integer=True)
         if group["max_rank"] is not None:
-            _check_number("max_rank", group["max_rank"], low=group["min_rank"], integer=True)
-        _check_number("stabilize_every", group["stabilize_every"], low=0, integer=True)
+            check_number("max_rank", group["max_rank"], low=group["min_rank"], integer=True)
+        check_number("stabilize_every", group["stabilize_every"], low=0, integer=True)
 
     # ------------------------------------------------------------------ state
     def _steps_shard(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
@@ -97,71 +110,103 @@ class DLRAMomentum(FactorOptimizer):
         return row_shard(p) is not None
 
     def _init_factor_state(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
-        st = self.state[p]
-        r = group["rank"]
+        self.state[p].update(self._factors_of(p, group["rank"], group["method"]))
+
+    def _factors_of(self, p: torch.Tensor, r: int, method: str) -> dict[str, Any]:
+        """U, S, V of the truncated SVD of the weight as it is, zero momentum, step 0."""
         shard = row_shard(p)
         w = p.full_tensor() if shard is not None else p  # FSDP2: the one gather, for the starting SVD
         u, sigma, vh = torch.linalg.svd(w.detach().to(factor_dtype(p)), full_matrices=False)
         u = u[:, :r] if shard is None else u[shard.offset: shard.offset + shard.rows, :r]
-        st.update(step=0, U=u.contiguous(), S=torch.diag(sigma[:r]), V=vh[:r].T.contiguous())
-        zeros = [torch.zeros(r, r, dtype=u.dtype, device=u.device), torch.zeros_like(st["U"]),
-                 torch.zeros_like(st["V"])]
+        st: dict[str, Any] = dict(step=0, U=u.contiguous(), S=torch.diag(sigma[:r]), V=vh[:r].T.contiguous())
+        st.update(self._zero_momentum(st, method, shard))
         if shard is not None:
-            st["U"], zeros[1] = like(st["U"], shard), like(zeros[1], shard)
-        st["exp_avg"] = zeros
-        if group["method"] == "adam":
-            st["exp_avg_sq"] = torch.zeros(3, dtype=u.dtype, device=u.device)  # one per block: S, U, V parts
+            st["U"] = like(st["U"], shard)
+        return st
 
-    def _check_loaded_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        for key in ("U", "S", "V", "exp_avg", "step"):
-            if key not in state:
-                raise ValueError(f"DLRA state of a {tuple(p.shape)} weight lacks {key!r}: "
-                                 "the state_dict comes from another optimizer")
+    @staticmethod
+    def _zero_momentum(st: dict[str, Any], method: str, shard: Any) -> dict[str, Any]:
+        u, r = to_local(st["U"]), st["S"].shape[0]
+        zeros = [torch.zeros(r, r, dtype=u.dtype, device=u.device), torch.zeros_like(u), torch.zeros_like(st["V"])]
+        if shard is not None:
+            zeros[1] = like(zeros[1], shard)
+        out: dict[str, Any] = dict(exp_avg=zeros, step=0)
+        if method == "adam":
+            out["exp_avg_sq"] = torch.zeros(3, dtype=u.dtype, device=u.device)  # one per block: S, U, V parts
+        return out
+
+    def _rebuild(self, p: torch.Tensor, group: dict[str, Any], st: dict[str, Any]) -> None:
+        """A new ``method``: the momentum of the other method means something else, so it restarts at zero."""
+        st.pop("exp_avg_sq", None)
+        st.update(self._zero_momentum(st, group["method"], row_shard(p)))
+
+    def _rebase(self, p: torch.Tensor, group: dict[str, Any], st: dict[str, Any]) -> None:
+        """The weight changed outside the optimizer: factors of the weight as it is, at the current rank (the next
+        write is its rank-r truncation, as the first step's is)."""
+        st.pop("exp_avg_sq", None)
+        st.update(self._factors_of(p, st["S"].shape[0], group["method"]))
+
+    def _state_layout(self, p: torch.Tensor, group: dict[str, Any], st: dict[str, Any]) -> dict[str, Any]:
         m, n = p.shape
-        r = state["S"].shape[0]
-        if tuple(state["U"].shape) != (m, r) or tuple(state["V"].shape) != (n, r):
-            raise ValueError(f"U, V of a {(m, n)} weight have shapes {tuple(state['U'].shape)}, "
-                             f"{tuple(state['V'].shape)}: the state_dict comes from another model")
+        s = st.get("S")
+        r = s.shape[0] if isinstance(s, torch.Tensor) and s.dim() == 2 else group["rank"]
+        out: dict[str, Any] = dict(U=layout.Floats((m, r)), S=layout.Floats((r, r)), V=layout.Floats((n, r)),
+                                   exp_avg=layout.FloatsList([(r, r), (m, r), (n, r)]), step=layout.Count(),
+                                   built_with=layout.Optional(layout.Settings()))
+        if group["method"] == "adam":
+            out["exp_avg_sq"] = layout.Floats((3,))
+        return out
 
     # ------------------------------------------------------------------ step
-    def _factor_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        lr, beta, adam = group["lr"], group["momentum"], group["method"] == "adam"
-        for p in params:
-            st = self.state[p]
-            shard = row_shard(p)  # FSDP2: U, xu and the gradient are this rank's rows
-            reduce = (lambda t: all_reduce(t, shard)) if shard is not None else (lambda t: t)
-            row_qr = (lambda x: tsqr(x, shard)) if shard is not None else None
-            u, s, v = to_local(st["U"]), st["S"], st["V"]
-            exp_avg = [to_local(x) for x in st["exp_avg"]]
-            xi = tangent_project(u, v, to_local(p.grad).to(u.dtype), reduce)
-            st["step"] += 1
-            if adam:
-                t, b2, eps = st["step"], group["beta2"], group["eps"]
-                m = [mi.mul_(beta).add_(x, alpha=1 - beta) for mi, x in zip(exp_avg, xi)]
-                means = torch.stack([x.square().sum() for x in xi])
-                means[1] = reduce(means[1:2].clone())[0]  # xu's rows are spread over the ranks
-                means /= torch.tensor([xi[0].numel(), p.shape[0] * xi[1].shape[1], xi[2].numel()], dtype=means.dtype,
-                                      device=means.device)
-                sq = st["exp_avg_sq"].mul_(b2).add_(means, alpha=1 - b2)
-                c1, c2 = 1 - beta**t, 1 - b2**t
-                denom = (sq / c2).sqrt().add_(eps)
-                direction = tuple((mi / c1) / denom[i] for i, mi in enumerate(m))  # a scalar per block: still tangent
-            else:
-                direction = tuple(mi.mul_(beta).add_(x) for mi, x in zip(exp_avg, xi))
-            if lr == 0:  # nothing moves (a schedule at zero): skip the retraction and its rounding
-                continue
-            r = s.shape[0]
-            max_rank = group["max_rank"] if group["max_rank"] is not None else 2 * r
-            u2, s2, v2 = retract(u, s, v, direction, lr, rank=r, rank_tol=group["rank_tol"],
-                                 min_rank=group["min_rank"], max_rank=min(max_rank, *p.shape), row_qr=row_qr)
-            if group["stabilize_every"] and st["step"] % group["stabilize_every"] == 0:
-                u2, s2, v2 = stabilize(u2, s2, v2, row_qr=row_qr)
-            exp_avg = list(transport(u, v, u2, v2, tuple(exp_avg), reduce))
-            to_local(p).copy_((u2 @ s2 @ v2.T).to(p.dtype))
+    def _factor_step(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
+                     lr: float) -> None:
+        for p, g in zip(params, grads):
+            self._step_one(p, g, group, lr)
+
+    def _direction(self, xi: tuple, st: dict[str, Any], group: dict[str, Any], m_rows: int, reduce: Any):
+        """(direction, new momentum entries) from the tangent gradient ``xi``, out of place."""
+        beta, step = group["momentum"], st["step"] + 1
+        exp_avg = [to_local(x) for x in st["exp_avg"]]
+        if group["method"] != "adam":
+            m = [mi * beta + x for mi, x in zip(exp_avg, xi)]
+            return tuple(m), dict(exp_avg=m, step=step)
+        b2, eps = group["beta2"], group["eps"]
+        m = [torch.add(mi * beta, x, alpha=1 - beta) for mi, x in zip(exp_avg, xi)]
+        means = torch.stack([x.square().sum() for x in xi])
+        means[1] = reduce(means[1:2].clone())[0]  # xu's rows are spread over the ranks
+        means /= torch.tensor([xi[0].numel(), m_rows * xi[1].shape[1], xi[2].numel()], dtype=means.dtype,
+                              device=means.device)
+        sq = torch.add(st["exp_avg_sq"] * b2, means, alpha=1 - b2)
+        c1, c2 = 1 - beta**step, 1 - b2**step
+        denom = (sq / c2).sqrt().add_(eps)
+        direction = tuple((mi / c1) / denom[i] for i, mi in enumerate(m))  # a scalar per block: still tangent
+        return direction, dict(exp_avg=m, exp_avg_sq=sq, step=step)
+
+    def _step_one(self, p: torch.Tensor, g: torch.Tensor, group: dict[str, Any], lr: float) -> None:
+        st = self.state[p]
+        shard = row_shard(p)  # FSDP2: U, xu and the gradient are this rank's rows
+        reduce = (lambda t: all_reduce(t, shard)) if shard is not None else (lambda t: t)
+        row_qr = (lambda x: tsqr(x, shard)) if shard is not None else None
+        u, s, v = to_local(st["U"]), st["S"], st["V"]
+        xi = tangent_project(u, v, g.to(u.dtype), reduce)
+        direction, updates = self._direction(xi, st, group, p.shape[0], reduce)
+        if lr == 0:  # nothing moves (a schedule at zero): skip the retraction and its rounding
             if shard is not None:
-                u2, exp_avg[1] = like(u2, shard), like(exp_avg[1], shard)
-            st["exp_avg"] = exp_avg
-            st["U"], st["S"], st["V"] = u2, s2, v2
+                updates["exp_avg"][1] = like(updates["exp_avg"][1], shard)
+            self._commit(p, None, updates)
+            return
+        r = s.shape[0]
+        max_rank = group["max_rank"] if group["max_rank"] is not None else 2 * r
+        u2, s2, v2 = retract(u, s, v, direction, lr, rank=r, rank_tol=group["rank_tol"],
+                             min_rank=group["min_rank"], max_rank=min(max_rank, *p.shape), row_qr=row_qr)
+        if group["stabilize_every"] and updates["step"] % group["stabilize_every"] == 0:
+            u2, s2, v2 = stabilize(u2, s2, v2, row_qr=row_qr)
+        exp_avg = list(transport(u, v, u2, v2, tuple(updates["exp_avg"]), reduce))
+        w_new = u2 @ s2 @ v2.T
+        if shard is not None:
+            u2, exp_avg[1] = like(u2, shard), like(exp_avg[1], shard)
+        updates.update(exp_avg=exp_avg, U=u2, S=s2, V=v2)
+        self._commit(p, functools.partial(to_local(p).copy_, w_new), updates)
 
     @property
     def ranks(self) -> list[int]:

@@ -8,10 +8,14 @@ from typing import Any
 import torch
 
 from ..geometry import block_layout, block_sizes, rotation_inverse, skew_size
-from .base import FactorOptimizer, _check_number, factor_dtype, fill_args_doc
+from . import state as layout
+from .base import FactorOptimizer, factor_dtype, fill_args_doc
 from .batching import ByKey, chunks
+from .checks import check_number, flag_defaults
+from .guard import deferred_interrupt
+from .inner import AdamRule
 from .poet_step import Work, apply_blocks, block_grads, delta, rewrite, rotation, rotation_and_bound, rotations
-from .sharded import all_reduce, like, local_state, put_back, reduce_over_meshes, row_shard, to_local
+from .sharded import all_reduce, like, local_state, reduce_over_meshes, row_shard, shard_state, to_local
 
 __all__ = ["POETOptimizer", "POET"]
 
@@ -108,19 +112,32 @@ class POETOptimizer(FactorOptimizer):
     """
 
     STAT_KEYS = ("merges", "early_merges")
+    STATE_MARKER = "perm_row"
+    STRUCTURAL = ("block_size", "mode", "store_base", "row_shards", "neumann_terms", "exact_cayley")
+    ADDED_SETTINGS = ("row_shards",)
 
     def __init__(self, params: Any, lr: float = 1e-3, *, block_size: int | float | None = None, mode: str = "bs",
                  neumann_terms: int = 5, exact_cayley: bool = False, merge_every: int = 200,
                  store_base: bool = True, max_q_norm: float | None = 0.5, row_shards: int | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
                  inner: type = torch.optim.AdamW, inner_kwargs: dict[str, Any] | None = None,
-                 seed: int = 0, nonfinite: str = "skip"):
+                 seed: int = 0, nonfinite: str = "skip", external_edits: str = "rebase", maximize: bool = False,
+                 foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
+                 differentiable: bool = False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, factorize=True,
                         block_size=block_size, mode=mode, neumann_terms=neumann_terms,
                         exact_cayley=exact_cayley, merge_every=merge_every, store_base=store_base,
-                        max_q_norm=max_q_norm, row_shards=row_shards)
-        super().__init__(params, defaults, inner=inner, inner_kwargs=inner_kwargs, seed=seed, nonfinite=nonfinite)
+                        max_q_norm=max_q_norm, row_shards=row_shards,
+                        **flag_defaults(maximize, foreach, fused, capturable, differentiable))
+        super().__init__(params, defaults, inner=inner, inner_kwargs=inner_kwargs, seed=seed, nonfinite=nonfinite,
+                         external_edits=external_edits)
+
+    def _init_runtime(self) -> None:
+        super()._init_runtime()
         self._layout_cache: dict[int, tuple] = {}  # id(param) -> (weakref, key, layout); see _blocks
+
+    def _overwrites(self, group: dict[str, Any]) -> bool:
+        return bool(group["store_base"])  # paper mode writes R W0 P; lean mode rotates W as it is
 
     # ------------------------------------------------------------------ arguments
     def _check_group(self, group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
@@ -142,15 +159,15 @@ class POETOptimizer(FactorOptimizer):
         elif group["block_size"] is not None and factorized and all(b > max(p.shape) for p in factorized):
             largest = max(max(p.shape) for p in factorized)
             raise ValueError(f"block_size={b} is larger than every routed weight (largest dimension {largest})")
-        _check_number("neumann_terms", group["neumann_terms"], low=1, integer=True)
-        _check_number("merge_every", group["merge_every"], low=1, integer=True)
+        check_number("neumann_terms", group["neumann_terms"], low=1, integer=True)
+        check_number("merge_every", group["merge_every"], low=1, integer=True)
         for key in ("exact_cayley", "store_base", "factorize"):
             if not isinstance(group[key], bool):
                 raise TypeError(f"{key} must be a bool, got {group[key]!r}")
         if group["max_q_norm"] is not None:
-            _check_number("max_q_norm", group["max_q_norm"], low=0.0, low_open=True)
+            check_number("max_q_norm", group["max_q_norm"], low=0.0, low_open=True)
         if group["row_shards"] is not None:
-            _check_number("row_shards", group["row_shards"], low=1, integer=True)
+            check_number("row_shards", group["row_shards"], low=1, integer=True)
 
     # ------------------------------------------------------------------ where the row blocks live
     def _chunks(self, p: torch.Tensor, group: dict[str, Any]) -> int:
@@ -193,7 +210,8 @@ class POETOptimizer(FactorOptimizer):
         return shard, rows, _layout(st["perm_col"], group)
 
     # ------------------------------------------------------------------ state
-    def _draw_perms(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def _perms(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
+        """New permutations for ``p`` drawn from its generator: {perm_row, perm_col, rng} (state unchanged)."""
         gen = self._generator(state)
         m, n = p.shape
         k = self._chunks(p, group)
@@ -201,13 +219,26 @@ class POETOptimizer(FactorOptimizer):
             perm_row = torch.randperm(m, generator=gen)
         else:  # every rank draws every part (the generators stay equal) and keeps its own
             perm_row = torch.cat([c * (m // k) + torch.randperm(m // k, generator=gen) for c in range(k)])
-        state["perm_col"] = torch.randperm(n, generator=gen).to(p.device)
+        perm_col = torch.randperm(n, generator=gen).to(p.device)
         perm_row = perm_row.to(p.device)
         shard = row_shard(p) if self._steps_shard(p, group) else None
         if shard is not None:
             perm_row = like(perm_row[shard.offset: shard.offset + shard.rows], shard)
-        state["perm_row"] = perm_row
-        state["rng"] = gen.get_state()
+        return dict(perm_row=perm_row, perm_col=perm_col, rng=gen.get_state())
+
+    def _fresh_factors(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """Zero skew factors for p's block layout and their fresh inner state: {q_row, q_col, inner_row, inner_col}."""
+        fdtype = factor_dtype(p)
+        shard = row_shard(p) if self._steps_shard(p, group) else None
+        out: dict[str, Any] = {}
+        for side, dim in zip(_SIDES, p.shape):
+            chunks = self._chunks(p, group) if side == "row" else 1
+            qs = [torch.zeros(nb, skew_size(b), dtype=fdtype, device=p.device) for nb, b in _sizes(dim, group, chunks)]
+            if shard is not None and side == "row":  # this rank's row blocks: a DTensor sharded on blocks
+                qs = [like(q[: q.shape[0] // shard.world], shard) for q in qs]
+            out[f"q_{side}"] = qs
+            out[f"inner_{side}"] = [self._inner.fresh(q, foreach=group["foreach"], fused=group["fused"]) for q in qs]
+        return out
 
     def _init_factor_state(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
         state = self.state[p]
@@ -216,68 +247,61 @@ class POETOptimizer(FactorOptimizer):
         self._build_factors(p, state, group)
 
     def _build_factors(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        """Permutations drawn for p's shape, zero skew factors with fresh inner state, W0 = p (paper mode)."""
-        self._draw_perms(p, state, group)
-        fdtype = factor_dtype(p)
-        shard = row_shard(p) if self._steps_shard(p, group) else None
-        for side, dim in zip(_SIDES, p.shape):
-            chunks = self._chunks(p, group) if side == "row" else 1
-            qs = [torch.zeros(nb, skew_size(b), dtype=fdtype, device=p.device) for nb, b in _sizes(dim, group, chunks)]
-            if shard is not None and side == "row":  # this rank's row blocks: a DTensor sharded on blocks
-                qs = [like(q[: q.shape[0] // shard.world], shard) for q in qs]
-            state[f"q_{side}"] = qs
-            state[f"inner_{side}"] = [self._fresh_inner(q) for q in qs]
+        """Factors on the weight as it is: new permutations, zero skew factors with fresh inner state, W0 = p
+        (paper mode); R = P = I, so nothing about the weight changes."""
+        state.update(self._perms(p, state, group))
+        state.update(self._fresh_factors(p, group))
+        state.pop("w0", None)
         if group["store_base"]:
-            w0 = to_local(p).detach().to(fdtype, copy=True)
+            w0 = to_local(p).detach().to(factor_dtype(p), copy=True)
+            shard = row_shard(p) if self._steps_shard(p, group) else None
             state["w0"] = w0 if shard is None else like(w0, shard)
 
-    def _check_loaded_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        for key in ("perm_row", "perm_col", "rng", "q_row", "q_col", "inner_row", "inner_col"):
-            if key not in state:
-                raise ValueError(f"POET state of a {tuple(p.shape)} weight lacks {key!r}: "
-                                 "the state_dict comes from another optimizer or mode")
+    def _rebuild(self, p: torch.Tensor, group: dict[str, Any], st: dict[str, Any]) -> None:
+        """New settings (block size, mode, ...) or a weight changed from outside: factors built anew on W."""
+        self._build_factors(p, st, group)
+        st["since_merge"] = 0
+
+    def _state_layout(self, p: torch.Tensor, group: dict[str, Any], st: dict[str, Any]) -> dict[str, Any]:
+        m, n = p.shape
+        keys = layout.ADAM_KEYS if isinstance(self._inner, AdamRule) else None
+        out: dict[str, Any] = dict(perm_row=layout.Perm(m), perm_col=layout.Perm(n), rng=layout.RngState(),
+                                   step=layout.Count(), since_merge=layout.Count(), merges=layout.Count(),
+                                   early_merges=layout.Count(), built_with=layout.Optional(layout.Settings()))
         for side, dim in zip(_SIDES, p.shape):
-            perm = state[f"perm_{side}"]
-            if not isinstance(perm, torch.Tensor) or perm.numel() != dim:
-                raise ValueError(f"perm_{side} of a {tuple(p.shape)} weight must have {dim} entries, "
-                                 f"got {getattr(perm, 'shape', perm)}")
-            chunks = self._chunks(p, group) if side == "row" else 1
-            got = [tuple(q.shape) for q in state[f"q_{side}"]]
-            want = [(nb, skew_size(b)) for nb, b in _sizes(dim, group, chunks)]
-            if got != want:
-                raise ValueError(f"q_{side} of a {tuple(p.shape)} weight has shapes {got}, block_size="
-                                 f"{group['block_size']} and row_shards={group['row_shards']} need {want}: "
-                                 "another model, block size or row_shards")
-        if group["store_base"] and tuple(state.get("w0", torch.empty(0)).shape) != tuple(p.shape):
-            raise ValueError(f"w0 of a {tuple(p.shape)} weight is missing or has another shape")
+            shapes = [(nb, skew_size(b)) for nb, b in _sizes(dim, group, self._chunks(p, group) if side == "row" else 1)]
+            out[f"q_{side}"] = layout.FloatsList(shapes)
+            out[f"inner_{side}"] = layout.InnerList(shapes, keys)
+        if group["store_base"]:
+            out["w0"] = layout.Floats((m, n))
+        return out
 
     # ------------------------------------------------------------------ step
-    def _factor_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    def _factor_step(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
+                     lr: float) -> None:
         """Step the weights in runs (``batching.chunks``): within a run, every block of one side and size is
         mapped, inverted, differentiated and bounded in one batched call (``_step_run``)."""
-        works = [self._work(p, group) for p in params]
+        works = [self._work(p, g, group) for p, g in zip(params, grads)]
         sizes = [sum(idx.numel() * idx.shape[1] for idx in w.rows + w.cols) for w in works]
         for run in chunks(works, sizes):
-            self._step_run(group, run)
+            self._step_run(group, run, lr)
 
-    def _work(self, p: torch.Tensor, group: dict[str, Any]) -> Work:
+    def _work(self, p: torch.Tensor, g: torch.Tensor, group: dict[str, Any]) -> Work:
         st = self.state[p]  # a row-sharded weight (FSDP2) works on its local rows: every row tensor is local
         shard, rows, cols = self._blocks(p, st, group)
-        return Work(p, st, shard, rows, cols, [to_local(q) for q in st["q_row"]] + st["q_col"],
-                     [local_state(s) for s in st["inner_row"]], factor_dtype(p))
+        return Work(p, g, st, shard, rows, cols, [to_local(q) for q in st["q_row"]] + st["q_col"],
+                    [local_state(s) for s in st["inner_row"]], factor_dtype(p))
 
-    def _step_run(self, group: dict[str, Any], works: list[Work]) -> None:
-        terms = None if group["exact_cayley"] else group["neumann_terms"]
+    def _factor_grads(self, works: list[Work], batch: ByKey, terms: int | None):
+        """(old rotations, their inverses, the generators' gradients per entry of ``batch``)."""
         qs = [q for w in works for q in w.qs]
-        batch = ByKey([(side, idx.shape[1], q.dtype, q.device) for w in works
-                       for (side, idx), q in zip(w.sides(), w.qs)], [q.shape[0] for q in qs])
         with torch.enable_grad():
             leaves = {k: t.detach().requires_grad_() for k, t in batch.cat(qs).items()}
             rots = {k: rotation(leaf, k[1], terms) for k, leaf in leaves.items()}
         old = {k: r.detach() for k, r in rots.items()}
         inv = {k: rotation_inverse(r) for k, r in old.items()}
         # M = W0 P = R^-1 W and N = R W0 = W P^-1 hold in both modes, so the gradients are taken from
-        # W itself (DESIGN.md's lean formulas, with D^-T = D and E^-T = E for orthogonal blocks):
+        # W itself (the lean formulas, with D^-T = D and E^-T = E for orthogonal blocks):
         # dL/dD_k = G[s_k] W[s_k]^T D_k^-T,  dL/dE_k = E_k^-T W[:, t_k]^T G[:, t_k]
         raw = block_grads(works, batch)
         outs = [raw[k] @ inv[k].transpose(1, 2) if k[0] == "row" else inv[k].transpose(1, 2) @ raw[k] for k in rots]
@@ -285,25 +309,28 @@ class POETOptimizer(FactorOptimizer):
         with torch.enable_grad():
             grads = batch.split(dict(zip(rots, torch.autograd.grad(list(rots.values()), list(leaves.values()),
                                                                    grad_outputs=outs)))) if rots else []
-        del outs
-        factors, inner_states, pos = [], [], 0
+        pos = 0
         for w in works:
-            gq, pos, nrow = grads[pos: pos + len(w.qs)], pos + len(w.qs), len(w.rows)
+            nrow, gq = len(w.rows), grads[pos: pos + len(w.qs)]
             if w.shard is not None and w.cols:  # a column block sums over every row: add the ranks' parts
                 col = gq[nrow:]
                 flat = all_reduce(torch.cat([c.reshape(-1) for c in col]), w.shard)
-                gq[nrow:] = [c.view_as(x) for c, x in zip(flat.split([x.numel() for x in col]), col)]
-            for q, g in zip(w.qs, gq):
-                q.grad = g
-            factors += w.qs
-            inner_states += w.inner_row + w.st["inner_col"]
-        if factors:
-            self._inner_step(group, factors, inner_states)
-        for w in works:
-            for s, view, q in zip(w.st["inner_row"], w.inner_row, w.qs):
-                put_back(s, view, w.shard, q.shape)
+                grads[pos + nrow: pos + len(w.qs)] = [c.view_as(x) for c, x in zip(flat.split([x.numel() for x in col]),
+                                                                                  col)]
+            pos += len(w.qs)
+        return old, inv, grads
 
-        new_q = batch.cat(qs)  # the updated generators
+    def _step_run(self, group: dict[str, Any], works: list[Work], lr: float) -> None:
+        """One batched step of ``works``: new generators out of place, new rotations, then per weight the new
+        weight (out of place) and its new state, committed together."""
+        terms = None if group["exact_cayley"] else group["neumann_terms"]
+        batch = ByKey([(side, idx.shape[1], q.dtype, q.device) for w in works
+                       for (side, idx), q in zip(w.sides(), w.qs)], [q.shape[0] for w in works for q in w.qs])
+        old, inv, grads = self._factor_grads(works, batch, terms)
+        inner = [s for w in works for s in w.inner_row + w.st["inner_col"]]
+        new_qs, new_inner = self._inner.updated([q for w in works for q in w.qs], grads, inner, lr,
+                                                foreach=group["foreach"], fused=group["fused"])
+        new_q = batch.cat(new_qs)
         flags = [False] * len(works)
         if group["max_q_norm"] is not None and terms is not None:
             pairs = {k: rotation_and_bound(q, k[1], terms) for k, q in new_q.items()}
@@ -318,23 +345,29 @@ class POETOptimizer(FactorOptimizer):
         del old, inv
         pos = 0
         for w, early in zip(works, flags):
-            mine, idx = per[pos: pos + len(w.qs)], range(pos, pos + len(w.qs))
+            idx = range(pos, pos + len(w.qs))
             pos += len(w.qs)
+            mine, qs = [per[i] for i in idx], [new_qs[i] for i in idx]
             if early:  # the safeguard: this weight's step with the exact Cayley map, then a merge
-                exact = rotations(w.qs, w.rows + w.cols, None)
+                exact = rotations(qs, w.rows + w.cols, None)
                 mine = exact if group["store_base"] else [
                     delta(side, r, olds[i], invs[i]) for i, (side, _), r in zip(idx, w.sides(), exact)]
-            w_new, written = rewrite(w, mine, group["store_base"])
-            if not written:
-                to_local(w.p).copy_(w_new)
-            w.st["step"] += 1
-            w.st["since_merge"] += 1
-            if early or w.st["since_merge"] >= group["merge_every"]:
-                keep = None
-                if group["store_base"]:  # the new W0 (its own copy when the weight itself was rotated)
-                    keep = w_new.clone() if written else w_new
-                    keep = keep if w.shard is None else like(keep, w.shard)
-                self._merge(w.p, w.st, group, keep, early)
+            w_new = rewrite(w, mine, group["store_base"])
+            updates = dict(step=w.st["step"] + 1, since_merge=w.st["since_merge"] + 1,
+                           **self._new_factors(w, qs, [new_inner[i] for i in idx]))
+            if early or updates["since_merge"] >= group["merge_every"]:
+                updates.update(self._merged(w.p, {**w.st, **updates}, group, w_new, early))
+            self._commit(w.p, functools.partial(to_local(w.p).copy_, w_new), updates)
+
+    @staticmethod
+    def _new_factors(w: Work, qs: list[torch.Tensor], inner: list[dict[str, Any]]) -> dict[str, Any]:
+        """A weight's new generators and inner states as state entries (row ones as DTensors when sharded)."""
+        nrow = len(w.rows)
+        rows, inner_rows = qs[:nrow], inner[:nrow]
+        if w.shard is not None:
+            rows = [like(q, w.shard) for q in rows]
+            inner_rows = [shard_state(s, w.shard, q.shape) for s, q in zip(inner_rows, qs[:nrow])]
+        return dict(q_row=rows, q_col=qs[nrow:], inner_row=inner_rows, inner_col=inner[nrow:])
 
     @staticmethod
     def _safeguard(limit: float, works: list[Work], batch: ByKey, block_bounds: dict) -> list:
@@ -353,20 +386,17 @@ class POETOptimizer(FactorOptimizer):
             bounds = reduce_over_meshes(bounds, sharded, torch.distributed.ReduceOp.MAX)
         return (bounds > limit).tolist()
 
-    def _merge(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], w_new: torch.Tensor | None,
-               early: bool) -> None:
-        """Merge-then-reinitialize: W0 <- R W0 P, Q <- 0, inner state reset, new permutations."""
-        if w_new is not None:
-            state["w0"] = w_new
-        for side in _SIDES:
-            for q, s in zip(state[f"q_{side}"], state[f"inner_{side}"]):
-                to_local(q).zero_()
-                self._reset_inner(s, q)
-        self._draw_perms(p, state, group)
-        state["since_merge"] = 0
-        state["merges"] += 1
-        if early:
-            state["early_merges"] += 1
+    def _merged(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], w_new: torch.Tensor | None,
+                early: bool) -> dict[str, Any]:
+        """Merge-then-reinitialize as state entries: W0 <- R W0 P (``w_new``, paper mode), Q <- 0, inner state
+        reset, new permutations, counters (``state`` is read, not changed)."""
+        new = self._perms(p, state, group)
+        new.update(self._fresh_factors(p, group), since_merge=0, merges=state["merges"] + 1,
+                   early_merges=state["early_merges"] + int(early))
+        if w_new is not None and group["store_base"]:
+            shard = row_shard(p) if self._steps_shard(p, group) else None
+            new["w0"] = w_new if shard is None else like(w_new, shard)
+        return new
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -383,8 +413,8 @@ class POETOptimizer(FactorOptimizer):
                     shard, rows, cols = self._blocks(p, st, group)
                     rots = rotations([to_local(q) for q in st["q_row"]] + st["q_col"], rows + cols, terms)
                     w_new = apply_blocks(to_local(st["w0"]), rows, rots[: len(rows)], cols, rots[len(rows):])
-                    w_new = w_new if shard is None else like(w_new, shard)
-                self._merge(p, st, group, w_new, False)
-
+                updates = self._merged(p, st, group, w_new, False)
+                with deferred_interrupt():
+                    st.update(updates)
 
 POET = POETOptimizer

@@ -3,7 +3,8 @@
 They stay weight by weight: each weight's gathers and block products fit in cache, while stacking the weights of
 one shape into a single matrix (to save calls) was measured 1x to 4x slower on the small preset's CPU (its
 large strided gathers and scatters run out of cache). The small b x b work of all weights is batched instead,
-in ``POETOptimizer._step_run``.
+in ``POETOptimizer._step_run``. The rewrite is out of place: the step commits the new weight together with the
+new state, so an exception never leaves one advanced without the other.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from typing import Any, Hashable, NamedTuple
 import torch
 
 from ..geometry import skew_norm_bound
-from ..geometry.blocks import rotate_cols_, rotate_rows_
 from ..geometry.cayley import cayley_neumann_with_bound
 from ..geometry.dispatch import REFERENCES, call, kernel_for
 from .batching import ByKey
@@ -22,9 +22,11 @@ __all__ = ["Work", "rotation", "rotation_and_bound", "rotations", "delta", "appl
 
 
 class Work(NamedTuple):
-    """One weight in a step: its state, its shard (FSDP2) or None, its row / column index blocks, its local
-    generators (row blocks first), the local views of the row factors' inner state, and the factor dtype."""
+    """One weight in a step: the weight, its local gradient (negated for ``maximize``), its state, its shard
+    (FSDP2) or None, its row / column index blocks, its local generators (row blocks first), the local views of
+    the row factors' inner state, and the factor dtype."""
     p: torch.Tensor
+    g: torch.Tensor
     st: dict[str, Any]
     shard: Any
     rows: list[torch.Tensor]
@@ -79,34 +81,17 @@ def block_grads(works: list[Work], batch: ByKey) -> dict[Hashable, torch.Tensor]
     (column keys) of every weight, concatenated in the order of ``batch``'s entries (the works' blocks)."""
     raw = []
     for w in works:
-        g = to_local(w.p.grad).to(w.fdtype)
+        g = w.g.to(w.fdtype)
         wt = to_local(w.p).detach().to(w.fdtype)
         raw += [call("row_block_grad", g, wt, idx) for idx in w.rows]
         raw += [call("col_block_grad", wt, g, idx) for idx in w.cols]
     return batch.cat(raw)
 
 
-def rewrite(w: Work, mats: list[torch.Tensor], store_base: bool) -> tuple[torch.Tensor, bool]:
-    """The new weight: R W0 P (paper mode; ``mats`` the new rotations, row blocks first) or the incremental
-    update of W (lean mode; ``mats`` the deltas). Returns (new weight, whether it was written into the weight
-    itself): on the reference path, when the weight has the factor dtype, the rotations run in place on it
-    (after W <- W0 in paper mode), which saves two copies of W per step."""
-    target = to_local(w.p)
+def rewrite(w: Work, mats: list[torch.Tensor], store_base: bool) -> torch.Tensor:
+    """The new weight, out of place (the step commits it into the weight afterwards, together with the state):
+    R W0 P (paper mode; ``mats`` the new rotations, row blocks first) or the incremental update of W (lean
+    mode; ``mats`` the deltas), in the factor dtype."""
     nrow = len(w.rows)
-    in_place = (target.dtype == w.fdtype and target.is_contiguous() and all(
-        kernel_for(name, target) is REFERENCES[name] for name in ("rotate_rows", "rotate_cols")))
-    if not in_place:
-        base = to_local(w.st["w0"]) if store_base else target.detach().to(w.fdtype)
-        return apply_blocks(base, w.rows, mats[:nrow], w.cols, mats[nrow:]), False
-    x = target.detach()
-    src = None
-    if store_base:  # W <- R W0 row block by row block when the blocks cover every row, else W <- W0 first
-        src = to_local(w.st["w0"])
-        if sum(idx.numel() for idx in w.rows) != x.shape[0]:
-            x.copy_(src)
-            src = None
-    for idx, d in zip(w.rows, mats[:nrow]):
-        rotate_rows_(x, idx, d, src)
-    for idx, e in zip(w.cols, mats[nrow:]):
-        rotate_cols_(x, idx, e)
-    return x, True
+    base = to_local(w.st["w0"]) if store_base else to_local(w.p).detach().to(w.fdtype)
+    return apply_blocks(base, w.rows, mats[:nrow], w.cols, mats[nrow:])

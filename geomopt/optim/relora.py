@@ -1,13 +1,17 @@
 """ReLoRA: high-rank training through low-rank updates, as an optimizer."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import torch
 
-from .base import FactorOptimizer, _check_number, check_rank, factor_dtype, fill_args_doc
-from .sharded import all_reduce, is_dtensor, like, local_state, put_back, row_shard, to_local
+from . import state as layout
+from .base import FactorOptimizer, check_rank, factor_dtype, fill_args_doc
+from .checks import check_number, flag_defaults
+from .inner import AdamRule
+from .sharded import all_reduce, is_dtensor, like, local_state, put_back, row_shard, shard_state, to_local
 
 __all__ = ["ReLoRAReset", "PRUNE_MODES", "prune_state_"]
 
@@ -51,8 +55,8 @@ def prune_state_(state: dict[str, Any], like: torch.Tensor, prune_ratio: float, 
     shard = row_shard(like)
     if shard is not None:
         mask = mask[shard.offset: shard.offset + shard.rows]
-    for v in moments.values():
-        to_local(v).mul_(mask)
+    for v in moments.values():  # masked_fill, not a product: an overflowed (inf) moment must not become NaN
+        to_local(v).masked_fill_(~mask, 0)
 
 
 @fill_args_doc
@@ -101,29 +105,35 @@ class ReLoRAReset(FactorOptimizer):
     """
 
     STAT_KEYS = ("resets",)
+    STATE_MARKER = "draws"
+    STRUCTURAL = ("rank",)
 
     def __init__(self, params: Any, lr: float = 1e-3, *, rank: int = 128, alpha: float = 32.0,
                  reset_every: int = 2000, prune_ratio: float = 0.99, prune: str = "magnitude",
                  warm_start_steps: int = 0, restart_warmup_steps: int = 100,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
                  inner: type = torch.optim.AdamW, inner_kwargs: dict[str, Any] | None = None,
-                 seed: int = 0, nonfinite: str = "skip"):
+                 seed: int = 0, nonfinite: str = "skip", external_edits: str = "rebase", maximize: bool = False,
+                 foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
+                 differentiable: bool = False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, factorize=True, rank=rank,
                         alpha=alpha, reset_every=reset_every, prune_ratio=prune_ratio, prune=prune,
-                        warm_start_steps=warm_start_steps, restart_warmup_steps=restart_warmup_steps)
-        super().__init__(params, defaults, inner=inner, inner_kwargs=inner_kwargs, seed=seed, nonfinite=nonfinite)
+                        warm_start_steps=warm_start_steps, restart_warmup_steps=restart_warmup_steps,
+                        **flag_defaults(maximize, foreach, fused, capturable, differentiable))
+        super().__init__(params, defaults, inner=inner, inner_kwargs=inner_kwargs, seed=seed, nonfinite=nonfinite,
+                         external_edits=external_edits)
 
     def _check_group(self, group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
         check_rank(group, factorized)
-        _check_number("alpha", group["alpha"], low=0.0, low_open=True)
-        _check_number("reset_every", group["reset_every"], low=1, integer=True)
-        _check_number("prune_ratio", group["prune_ratio"], low=0.0)
+        check_number("alpha", group["alpha"], low=0.0, low_open=True)
+        check_number("reset_every", group["reset_every"], low=1, integer=True)
+        check_number("prune_ratio", group["prune_ratio"], low=0.0)
         if group["prune_ratio"] >= 1.0:
             raise ValueError(f"prune_ratio must be in [0, 1), got {group['prune_ratio']!r}")
         if group["prune"] not in PRUNE_MODES:
             raise ValueError(f"prune must be one of {PRUNE_MODES}, got {group['prune']!r}")
-        _check_number("warm_start_steps", group["warm_start_steps"], low=0, integer=True)
-        _check_number("restart_warmup_steps", group["restart_warmup_steps"], low=0, integer=True)
+        check_number("warm_start_steps", group["warm_start_steps"], low=0, integer=True)
+        check_number("restart_warmup_steps", group["restart_warmup_steps"], low=0, integer=True)
 
     # ------------------------------------------------------------------ state
     @staticmethod
@@ -136,7 +146,7 @@ class ReLoRAReset(FactorOptimizer):
         return torch.Generator().manual_seed(seed)
 
     def _draw_a(self, p: torch.Tensor, state: dict[str, Any], rank: int) -> torch.Tensor:
-        """Kaiming uniform with a = sqrt(5) on an (r x n) matrix: U(-1/sqrt(n), 1/sqrt(n))."""
+        """Kaiming uniform with a = sqrt(5) on an (r x n) matrix: U(-1/sqrt(n), 1/sqrt(n)) (counts a draw)."""
         n = p.shape[1]
         a = (torch.rand(rank, n, generator=self._next_generator(state), dtype=torch.float64) * 2 - 1) / math.sqrt(n)
         return a.to(dtype=factor_dtype(p), device=p.device)
@@ -145,32 +155,43 @@ class ReLoRAReset(FactorOptimizer):
         state = self.state[p]
         state.update(step=0, cycle_step=0, resets=0, restarted=False, seed=self._param_seed(index), draws=0)
         if group["warm_start_steps"] > 0:
-            state["inner_full"] = self._fresh_inner(p)
+            state["inner_full"] = self._inner.fresh(to_local(p), foreach=group["foreach"], fused=False)
         else:
-            self._start_low_rank(p, state, group)
+            state.update(self._low_rank_start(p, state, group))
 
-    def _start_low_rank(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        state.pop("inner_full", None)
+    def _low_rank_start(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
+        """A new cycle's factors as state entries: A drawn (counting the draw in ``draws``), B = 0, fresh inner
+        state (``state`` is read, not changed)."""
         r = group["rank"]
-        state["A"] = self._draw_a(p, state, r)
+        count = {"seed": state["seed"], "draws": state["draws"]}
+        a = self._draw_a(p, count, r)
         shard = row_shard(p)
-        if shard is None:
-            state["B"] = torch.zeros(p.shape[0], r, dtype=factor_dtype(p), device=p.device)
-        else:  # FSDP2: B's rows live with W's rows; A is replicated
-            state["B"] = like(torch.zeros(shard.rows, r, dtype=factor_dtype(p), device=p.device), shard)
-        state["inner_A"], state["inner_B"] = self._fresh_inner(state["A"]), self._fresh_inner(state["B"])
+        b = torch.zeros(p.shape[0] if shard is None else shard.rows, r, dtype=factor_dtype(p), device=p.device)
+        kw = dict(foreach=group["foreach"], fused=group["fused"])
+        inner_b = self._inner.fresh(b, **kw)
+        if shard is not None:  # FSDP2: B's rows live with W's rows; A is replicated
+            b, inner_b = like(b, shard), shard_state(inner_b, shard, b.shape)
+        return dict(A=a, B=b, inner_A=self._inner.fresh(a, **kw), inner_B=inner_b, draws=count["draws"])
 
-    def _check_loaded_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        for key in ("seed", "draws", "step", "cycle_step"):
-            if key not in state:
-                raise ValueError(f"ReLoRA state of a {tuple(p.shape)} weight lacks {key!r}: the state_dict comes "
-                                 "from another optimizer (or from a geomopt version that saved a generator state)")
-        if "A" in state:
-            m, n = p.shape
-            r = group["rank"]
-            if tuple(state["A"].shape) != (r, n) or tuple(state["B"].shape) != (m, r):
-                raise ValueError(f"A/B of a {(m, n)} weight have shapes {tuple(state['A'].shape)}, "
-                                 f"{tuple(state['B'].shape)}; rank={r} needs {(r, n)}, {(m, r)}")
+    def _rebuild(self, p: torch.Tensor, group: dict[str, Any], st: dict[str, Any]) -> None:
+        """A new rank: W already holds W_start + s B A, so a new cycle starts at the new rank (warm start: nothing
+        to rebuild yet)."""
+        if "A" in st:
+            st.update(self._low_rank_start(p, st, group), cycle_step=0)
+
+    def _state_layout(self, p: torch.Tensor, group: dict[str, Any], st: dict[str, Any]) -> dict[str, Any]:
+        m, n = p.shape
+        r = group["rank"]
+        keys = layout.ADAM_KEYS if isinstance(self._inner, AdamRule) else None
+        out: dict[str, Any] = dict(seed=layout.Seed(), draws=layout.Count(), step=layout.Count(),
+                                   cycle_step=layout.Count(), resets=layout.Count(), restarted=layout.Flag(),
+                                   built_with=layout.Optional(layout.Settings()))
+        if "inner_full" in st:
+            out["inner_full"] = layout.Inner((m, n), keys)
+        else:
+            out.update(A=layout.Floats((r, n)), B=layout.Floats((m, r)), inner_A=layout.Inner((r, n), keys),
+                       inner_B=layout.Inner((m, r), keys))
+        return out
 
     # ------------------------------------------------------------------ step
     def _steps_shard(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
@@ -184,59 +205,84 @@ class ReLoRAReset(FactorOptimizer):
             return 1.0
         return min(1.0, state["cycle_step"] / warm)
 
-    def _factor_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        full = [p for p in params if "inner_full" in self.state[p]]
-        if full:
-            self._inner_step(group, full, [self.state[p]["inner_full"] for p in full], clear_grads=False)
-            for p in full:
-                st = self.state[p]
-                st["step"] += 1
-                if st["step"] >= group["warm_start_steps"]:
-                    self._start_low_rank(p, st, group)
-        low = [p for p in params if not any(p is q for q in full)]
-        if not low:
-            return
+    def _factor_step(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
+                     lr: float) -> None:
+        pairs = list(zip(params, grads))
+        full = [(p, g) for p, g in pairs if "inner_full" in self.state[p]]
+        low = [(p, g) for p, g in pairs if "inner_full" not in self.state[p]]
+        for p, g in full:  # a weight whose warm start ends here begins its low-rank cycles next step
+            self._full_rank_step(p, g, group, lr)
+        if low:
+            self._low_rank_step(group, low, lr)
+
+    def _full_rank_step(self, p: torch.Tensor, g: torch.Tensor, group: dict[str, Any], lr: float) -> None:
+        """A warm-start step: the inner rule on the weight itself; the low-rank cycles begin after the last."""
+        st = self.state[p]
+        view = local_state(st["inner_full"])
+        commit = self._inner.update_([to_local(p)], [g], [view], lr, foreach=group["foreach"], fused=False)
+        updates = dict(step=st["step"] + 1)
+        if updates["step"] >= group["warm_start_steps"]:
+            updates.update(self._low_rank_start(p, st, group))
+
+        def write() -> None:
+            commit()
+            put_back(st["inner_full"], view, row_shard(p), to_local(p).shape)  # a converted step count, new entries
+            if "A" in updates:
+                del st["inner_full"]
+
+        self._commit(p, write, updates)
+
+    def _low_rank_step(self, group: dict[str, Any], low: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> None:
         s = group["alpha"] / group["rank"]
-        by_scale: dict[float, tuple[list, list]] = {}
-        old = []
-        locals_ = []  # FSDP2 shards: B, its inner state and W are the local rows (views of the DTensors)
-        for p in low:
+        by_scale: dict[float, list[int]] = {}
+        old, factors, fgrads, states = [], [], [], []
+        for i, (p, g) in enumerate(low):  # FSDP2 shards: B, its inner state and W are the local rows
             st = self.state[p]
-            g = to_local(p.grad).to(st["A"].dtype)
+            g = g.to(st["A"].dtype)
             a, b = st["A"], to_local(st["B"])
-            inner_b = local_state(st["inner_B"])
-            locals_.append((b, inner_b))
             old.append(b @ a)
-            b.grad = s * (g @ a.T)
-            a.grad = s * (b.T @ g)
+            grad_a = s * (b.T @ g)
             shard = row_shard(p)
             if shard is not None:
-                all_reduce(a.grad, shard)
-            factors, states = by_scale.setdefault(self._lr_scale(st, group), ([], []))
+                all_reduce(grad_a, shard)
             factors += [a, b]
-            states += [st["inner_A"], inner_b]
-        for scale, (factors, states) in by_scale.items():
-            self._inner_step(group, factors, states, lr_scale=scale)
-        for p, ba_old, (b, inner_b) in zip(low, old, locals_):
-            st = self.state[p]
-            put_back(st["inner_B"], inner_b, row_shard(p), b.shape)
-            delta = (b @ st["A"] - ba_old).mul_(s)
-            to_local(p).add_(delta.to(p.dtype))
-            st["step"] += 1
-            st["cycle_step"] += 1
-            if st["cycle_step"] >= group["reset_every"]:
-                self._reset(p, st, group)
+            fgrads += [grad_a, s * (g @ a.T)]
+            states += [st["inner_A"], local_state(st["inner_B"])]
+            by_scale.setdefault(self._lr_scale(st, group), []).append(i)
+        new: dict[int, tuple] = {}
+        for scale, ix in by_scale.items():
+            pick = [j for i in ix for j in (2 * i, 2 * i + 1)]
+            f, fs = self._inner.updated([factors[j] for j in pick], [fgrads[j] for j in pick],
+                                        [states[j] for j in pick], lr * scale, foreach=group["foreach"],
+                                        fused=group["fused"])
+            for k, i in enumerate(ix):
+                new[i] = (f[2 * k], f[2 * k + 1], fs[2 * k], fs[2 * k + 1])
+        for i, (p, _) in enumerate(low):
+            st, (a, b, inner_a, inner_b) = self.state[p], new[i]
+            delta = (b @ a - old[i]).mul_(s).to(p.dtype)
+            shard = row_shard(p)
+            updates = dict(A=a, B=b if shard is None else like(b, shard), inner_A=inner_a,
+                           inner_B=shard_state(inner_b, shard, b.shape), step=st["step"] + 1,
+                           cycle_step=st["cycle_step"] + 1)
+            if updates["cycle_step"] >= group["reset_every"]:
+                updates.update(self._reset(p, {**st, **updates}, group))
+            self._commit(p, functools.partial(to_local(p).add_, delta), updates)
 
-    def _reset(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        """Merge-and-reinit: W already holds W_start + s B A; A redrawn, B <- 0, inner state pruned."""
-        gen = self._next_generator(state)  # drawn in every prune mode, so the count of draws does not depend on it
+    def _reset(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
+        """Merge-and-reinit as state entries: W already holds W_start + s B A; A redrawn, B <- 0, inner state
+        pruned. ``state`` holds this step's new factors and states, which are the step's own (not committed
+        yet), so they are changed in place."""
+        count = {"seed": state["seed"], "draws": state["draws"]}
+        gen = self._next_generator(count)  # drawn in every prune mode, so the count of draws does not depend on it
+        out: dict[str, Any] = {}
         for name in ("A", "B"):
+            key = f"inner_{name}"
             if group["prune"] == "reset":
-                self._reset_inner(state[f"inner_{name}"], state[name])
+                out[key] = self._inner.fresh(to_local(state[name]), foreach=group["foreach"], fused=group["fused"])
+                out[key] = shard_state(out[key], row_shard(p) if name == "B" else None, to_local(state[name]).shape)
             else:
-                prune_state_(state[f"inner_{name}"], state[name], group["prune_ratio"], group["prune"], gen)
-        state["A"].copy_(self._draw_a(p, state, group["rank"]))
+                prune_state_(state[key], state[name], group["prune_ratio"], group["prune"], gen)
+        out["A"] = self._draw_a(p, count, group["rank"])
         to_local(state["B"]).zero_()
-        state["cycle_step"] = 0
-        state["resets"] += 1
-        state["restarted"] = True
+        out.update(cycle_step=0, resets=state["resets"] + 1, restarted=True, draws=count["draws"])
+        return out

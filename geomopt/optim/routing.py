@@ -1,7 +1,10 @@
 """Which parameters get the method (factorized) and which get AdamW.
 
 Rules: 2-D weights of ``nn.Linear`` layers are factorized; embeddings, the LM head (tied or not) and
-every tensor that is not 2-D get AdamW. A group with ``factorize=False`` is AdamW throughout.
+every tensor that is not 2-D get AdamW. A group with ``factorize=False`` is AdamW throughout. A frozen
+parameter (``requires_grad=False``) is routed like the others and steps once it has a gradient, as with
+``torch.optim.AdamW(model.parameters())``. Parameters given with names (``model.named_parameters()``, or
+(name, tensor) pairs in a group) keep them: torch stores them as the group's ``param_names``.
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ def _from_module(model: nn.Module) -> list[dict[str, Any]]:
     routed, dense, seen = [], [], set()
     linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     for name, p in model.named_parameters():
-        if id(p) in seen or not p.requires_grad:
+        if id(p) in seen:
             continue
         seen.add(id(p))
         if id(p) in linear_weights and id(p) not in excluded and p.dim() == 2 and not EXCLUDED_NAME.search(name):
@@ -68,7 +71,7 @@ def _from_named(named: list[tuple[str, torch.Tensor]]) -> list[dict[str, Any]]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        (routed if p.dim() == 2 and not EXCLUDED_NAME.search(name) else dense).append(p)
+        (routed if p.dim() == 2 and not EXCLUDED_NAME.search(name) else dense).append((name, p))
     return _two_groups(routed, dense)
 
 
@@ -79,17 +82,6 @@ def _two_groups(routed: list, dense: list) -> list[dict[str, Any]]:
     if dense:
         groups.append({"params": dense, "factorize": False})
     return groups
-
-
-def _strip_names(params: Iterable) -> list:
-    if isinstance(params, torch.Tensor):
-        return [params]
-    out = []
-    for p in params:
-        if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str):
-            p = p[1]
-        out.append(p)
-    return out
 
 
 def _as_list(params: Any) -> list:
@@ -113,10 +105,9 @@ def build_param_groups(params: Any, warn: bool = True) -> list[dict[str, Any]]:
         if all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items):
             groups = _from_named(items)
         elif all(isinstance(x, dict) for x in items):
-            groups = [dict(g, params=_strip_names(g["params"]) if "params" in g else []) for g in items]
-            n2d = sum(1 for g, raw in zip(groups, items) if "factorize" not in g
-                      for p, r in zip(g["params"], _as_list(raw.get("params", [])))
-                      if isinstance(p, torch.Tensor) and p.dim() == 2 and not isinstance(r, tuple))
+            groups = [dict(g, params=_as_list(g["params"]) if "params" in g else []) for g in items]
+            n2d = sum(1 for g in groups if "factorize" not in g for p in g["params"]
+                      if isinstance(p, torch.Tensor) and p.dim() == 2)
             if n2d and warn:
                 warnings.warn(_UNNAMED_WARNING.format(n=n2d), UserWarning, stacklevel=4)
         else:

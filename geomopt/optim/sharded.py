@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["is_dtensor", "RowShard", "row_shard", "all_reduce", "reduce_over_meshes", "global_all", "gather",
-           "scatter", "to_local", "like", "local_state", "put_back", "tsqr"]
+           "scatter", "to_local", "like", "local_state", "shard_state", "put_back", "tsqr"]
 
 
 def is_dtensor(p: Any) -> bool:
@@ -120,10 +120,19 @@ def local_state(state: dict[str, Any]) -> dict[str, Any]:
     return {k: to_local(v) for k, v in state.items()}
 
 
+def shard_state(state: dict[str, Any], shard: RowShard | None, local_shape: Any) -> dict[str, Any]:
+    """An inner optimizer's state computed on a factor's local rows, as the state to keep: every tensor shaped like
+    the local factor becomes a row-sharded DTensor (``like``); the rest (step counts) stays as it is."""
+    if shard is None:
+        return state
+    return {k: like(v, shard) if isinstance(v, torch.Tensor) and v.shape == local_shape else v
+            for k, v in state.items()}
+
+
 def put_back(state: dict[str, Any], view: dict[str, Any], shard: RowShard | None, local_shape: Any) -> None:
-    """Entries of ``view`` that are not ``state``'s own (created lazily by the inner optimizer, or replaced, such
-    as a step count moved to the device for a fused kernel) go back into ``state``: shaped like the local factor,
-    as row-sharded DTensors; otherwise as they are. In-place updates needed no copy."""
+    """Entries of ``view`` (a ``local_state`` view that an update wrote into) that are not ``state``'s own (created
+    or replaced, such as a step count converted for a fused kernel) go back into ``state``: shaped like the local
+    factor, as row-sharded DTensors; otherwise as they are. In-place updates need no copy."""
     for k, v in view.items():
         if k not in state or not _same(to_local(state[k]), v):
             sharded = shard is not None and isinstance(v, torch.Tensor) and v.shape == local_shape
