@@ -6,7 +6,9 @@ a process killed at any moment leaves either the previous checkpoint or the new 
 The file carries a header with its payload's length and SHA-256: ``load_checkpoint`` refuses a truncated
 or corrupted file with ValueError before touching the model or the optimizer, and checks the model's keys
 and shapes before loading anything, so a checkpoint is loaded whole or not at all. The payload is read
-with ``torch.load(..., weights_only=True)``.
+with ``torch.load(..., weights_only=True)``, so ``save_checkpoint`` refuses, before it writes anything, a value
+that such a load would refuse (an ``extra`` entry, or a module's ``get_extra_state``, that is not made of tensors,
+numbers, strings, bytes, None, dtypes, devices, sizes, lists, tuples, sets and dicts of them).
 """
 from __future__ import annotations
 
@@ -26,12 +28,40 @@ MAGIC = b"GEOMOPT-CKPT-1\n"
 _HEADER = struct.Struct("<Q32s")  # payload length, sha256
 
 
+_PLAIN = (torch.Tensor, int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _check_loadable(value: Any, where: str) -> None:
+    """Raise TypeError naming ``where`` when ``torch.load(weights_only=True)`` could not load ``value``."""
+    if isinstance(value, _PLAIN):
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_loadable(k, f"{where} (a key)")
+            _check_loadable(v, f"{where}[{k!r}]")
+        return
+    if isinstance(value, (list, tuple, set)) and type(value) in (list, tuple, set):
+        for i, v in enumerate(value):
+            _check_loadable(v, f"{where}[{i}]")
+        return
+    raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which "
+                    "torch.load(weights_only=True) cannot load: save tensors, numbers, strings, bytes, None, dtypes, "
+                    "devices, sizes, and lists, tuples, sets and dicts of them")
+
+
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: Any = None, *, step: int = 0,
                     extra: dict[str, Any] | None = None) -> None:
-    """Write model and optimizer state (and ``step``, ``extra``: tensors, numbers, strings) to ``path``."""
-    payload = {"model": model.state_dict(), "step": int(step), "extra": extra or {}}
+    """Write model and optimizer state (and ``step``, ``extra``: tensors, numbers, strings, ...) to ``path``; a value
+    that ``load_checkpoint`` could not read back is refused with TypeError before anything is written."""
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"step must be an int, got {step!r}")
+    if extra is not None and not isinstance(extra, dict):
+        raise TypeError(f"extra must be a dict, got {type(extra).__name__}")
+    payload = {"model": model.state_dict(), "step": step, "extra": extra or {}}
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
+    for key in payload:
+        _check_loadable(payload[key], key if key != "model" else "the model's state_dict")
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getvalue()
@@ -84,8 +114,11 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]}")
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(own[key].shape):
+    for key, value in state.items():  # a module's extra state (get_extra_state) need not be a tensor
+        if isinstance(value, torch.Tensor) != isinstance(own[key], torch.Tensor):
+            raise ValueError(f"checkpoint {path}: {key} holds a {type(value).__name__}, the model's is a "
+                             f"{type(own[key]).__name__}")
+        if isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(own[key].shape):
             raise ValueError(f"checkpoint {path}: {key} has shape {tuple(value.shape)}, the model's is "
                              f"{tuple(own[key].shape)}")
     if optimizer is not None:

@@ -4,7 +4,7 @@ import io
 
 import pytest
 import torch
-from optim_table import CYCLE_STAT, FACTOR_KEY, IDS, LONG_CYCLE, OPTIMIZERS, TARGET_RANK
+from optim_table import CONFIGS, CYCLE_STAT, FACTOR_KEY, IDS, OPTIMIZERS
 from torch import nn
 
 
@@ -235,10 +235,10 @@ def test_converges_on_a_reachable_quadratic(name):
         q1, _ = torch.linalg.qr(torch.randn(8, 8))
         q2, _ = torch.linalg.qr(torch.randn(8, 8))
         target = q1 @ lin.weight @ q2  # same singular values: reachable by POET's W = R W0 P too
-        rank = TARGET_RANK[OPTIMIZERS[name][0]]
+        rank = CONFIGS[name].target_rank
         if rank is not None:
             target = q1[:, :rank] @ torch.diag(torch.tensor([1.0, 0.5, 0.3, 0.2][:rank])) @ q2[:rank]
-    opt = build(name, [("w", lin.weight)], lr=3e-2, **LONG_CYCLE[OPTIMIZERS[name][0]])
+    opt = build(name, [("w", lin.weight)], lr=3e-2, **CONFIGS[name].long_cycle)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / 600)
     first = None
     for _ in range(600):

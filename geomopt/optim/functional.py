@@ -90,10 +90,11 @@ def new_denoms(exp_avg_sqs: list[torch.Tensor], impl: str) -> list[torch.Tensor]
 
 def adam(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
          exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor] | None, steps: list[torch.Tensor],
-         denoms: list[torch.Tensor] | None, *, lr: float, beta1: float, beta2: float, eps: float,
-         weight_decay: float, decoupled: bool, amsgrad: bool, impl: str) -> None:
+         denoms: list[torch.Tensor] | None, *, counts: list[float], lr: float, beta1: float, beta2: float,
+         eps: float, weight_decay: float, decoupled: bool, amsgrad: bool, impl: str) -> None:
     """One Adam / AdamW update of every tensor, in place (``grads`` from ``prepare_grads``, ``denoms`` from
-    ``new_denoms``; ``steps``: the step counts, 0-d tensors, incremented here)."""
+    ``new_denoms``; ``steps``: the step counts, 0-d tensors, incremented here; ``counts``: their values after
+    this step, read beforehand, so that the update reads nothing back from a tensor)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     maxs = max_exp_avg_sqs if amsgrad else [None] * len(params)
@@ -104,24 +105,24 @@ def adam(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[t
             raise ValueError("the fused path takes contiguous tensors only (prepared_adam routes the others)")
         _fused(params, grads, exp_avgs, exp_avg_sqs, maxs, steps, **hyper)
     elif impl == "foreach":
-        _foreach(params, grads, exp_avgs, exp_avg_sqs, maxs, steps, denoms, **hyper)
+        _foreach(params, grads, exp_avgs, exp_avg_sqs, maxs, steps, denoms, counts, **hyper)
     else:
-        _single(params, grads, exp_avgs, exp_avg_sqs, maxs, steps, denoms, **hyper)
+        _single(params, grads, exp_avgs, exp_avg_sqs, maxs, steps, denoms, counts, **hyper)
 
 
 def _corrections(step: float, beta1: float, beta2: float) -> tuple[float, float]:
     return 1 - beta1 ** step, (1 - beta2 ** step) ** 0.5
 
 
-def _single(params, grads, exp_avgs, exp_avg_sqs, maxs, steps, denoms, *, lr, beta1, beta2, eps, weight_decay,
-            decoupled, amsgrad) -> None:
-    for p, g, m, v, vmax, step, denom in zip(params, grads, exp_avgs, exp_avg_sqs, maxs, steps, denoms):
+def _single(params, grads, exp_avgs, exp_avg_sqs, maxs, steps, denoms, counts, *, lr, beta1, beta2, eps,
+            weight_decay, decoupled, amsgrad) -> None:
+    for p, g, m, v, vmax, step, denom, t in zip(params, grads, exp_avgs, exp_avg_sqs, maxs, steps, denoms, counts):
         step += 1
         if weight_decay != 0 and decoupled:
             p.mul_(1 - lr * weight_decay)
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        bc1, bc2_sqrt = _corrections(float(step), beta1, beta2)
+        bc1, bc2_sqrt = _corrections(t, beta1, beta2)
         if amsgrad:
             torch.maximum(vmax, v, out=vmax)
         torch.sqrt(vmax if amsgrad else v, out=denom)
@@ -129,8 +130,8 @@ def _single(params, grads, exp_avgs, exp_avg_sqs, maxs, steps, denoms, *, lr, be
         p.addcdiv_(m, denom, value=-lr / bc1)
 
 
-def _foreach(params, grads, exp_avgs, exp_avg_sqs, maxs, steps, denoms, *, lr, beta1, beta2, eps, weight_decay,
-             decoupled, amsgrad) -> None:
+def _foreach(params, grads, exp_avgs, exp_avg_sqs, maxs, steps, denoms, counts, *, lr, beta1, beta2, eps,
+             weight_decay, decoupled, amsgrad) -> None:
     if not params:
         return
     torch._foreach_add_(steps, 1)
@@ -141,7 +142,7 @@ def _foreach(params, grads, exp_avgs, exp_avg_sqs, maxs, steps, denoms, *, lr, b
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
     if amsgrad:
         torch._foreach_maximum_(maxs, exp_avg_sqs)
-    corr = [_corrections(float(s), beta1, beta2) for s in steps]
+    corr = [_corrections(t, beta1, beta2) for t in counts]
     torch._foreach_copy_(denoms, maxs if amsgrad else exp_avg_sqs)
     torch._foreach_sqrt_(denoms)
     torch._foreach_div_(denoms, [c[1] for c in corr])
@@ -196,15 +197,16 @@ def prepared_adam(params: list[torch.Tensor], grads: list[torch.Tensor], states:
         ready = prepare_grads(ps, [grads[i] for i in ix], maximize=maximize, weight_decay=weight_decay,
                               decoupled=decoupled or path == "fused")  # the fused kernel decays by itself
         sqs = [s["exp_avg_sq"] for s in st]
+        steps = [_ready_step(s, p, path) for s, p in zip(st, ps)]
         calls.append((path, ps, ready, [s["exp_avg"] for s in st], sqs,
-                      [s["max_exp_avg_sq"] for s in st] if amsgrad else None,
-                      [_ready_step(s, p, path) for s, p in zip(st, ps)], new_denoms(sqs, path)))
+                      [s["max_exp_avg_sq"] for s in st] if amsgrad else None, steps, new_denoms(sqs, path),
+                      [float(s) + 1 for s in steps] if path != "fused" else []))
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
                  amsgrad=amsgrad)
 
     def commit() -> None:
-        for path, *tensors in calls:
+        for path, *tensors, counts in calls:
             if tensors[0]:
-                adam(*tensors, **hyper, impl=path)
+                adam(*tensors, counts=counts, **hyper, impl=path)
 
     return commit
