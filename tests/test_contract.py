@@ -44,6 +44,20 @@ def test_goes_right_direction(name, dtype, layout, maximize):
 
 
 @pytest.mark.parametrize("name", IDS)
+def test_maximize_set_in_the_groups_is_honoured_by_the_factor_steps(name):
+    problem = Problem(torch.float64)
+    opt = build(name, problem)
+    for g in opt.param_groups:
+        g["maximize"] = True
+    first = problem.loss().item()
+    for _ in range(12):
+        opt.zero_grad()
+        problem.loss().backward()
+        opt.step()
+    assert problem.loss().item() > first
+
+
+@pytest.mark.parametrize("name", IDS)
 def test_tensor_lr_equals_float_lr_and_follows_a_scheduler(name):
     lr = CONFIGS[name].kwargs["lr"]
     runs = []
@@ -70,11 +84,11 @@ def test_tensor_lr_equals_float_lr_and_follows_a_scheduler(name):
 @pytest.mark.parametrize("name", IDS)
 def test_deepcopy_and_pickle_give_an_optimizer_that_steps_the_same(name, how):
     problem = Problem(torch.float64)
-    opt, _ = run(name, problem, 5, nonfinite="raise", external_edits="raise", seed=3)
+    opt, _ = run(name, problem, 5, nonfinite="raise", seed=3)
     twin_problem, twin = clone_pair(problem, opt) if how == "deepcopy" else pickle.loads(pickle.dumps((problem, opt)))
     public = sorted(k for k in vars(opt) if not k.startswith("_"))
     assert public == sorted(k for k in vars(twin) if not k.startswith("_"))
-    assert twin.nonfinite == "raise" and twin.external_edits == "raise" and twin._seed == 3
+    assert twin.nonfinite == "raise" and twin._seed == 3
     for _ in range(6):  # crosses merges / resets
         for p, o in ((problem, opt), (twin_problem, twin)):
             o.zero_grad()
@@ -113,8 +127,8 @@ def test_an_older_state_dict_loads_and_missing_settings_take_their_defaults(name
     opt, _ = run(name, problem, 6)
     sd = copy.deepcopy(opt.state_dict())
     for group in sd["param_groups"]:
-        for key in FLAGS + CONFIGS[name].cls.ADDED_SETTINGS:
-            group.pop(key)
+        for key in FLAGS + ("row_shards",):
+            group.pop(key, None)
     for st in sd["state"].values():
         st.pop("built_with", None)
         for key, v in st.items():  # torch once saved inner step counts as plain numbers
@@ -220,10 +234,10 @@ def test_foreach_and_fused_equal_the_loop_in_float64(name):
 def test_strided_parameters_and_gradients_get_torchs_update_with_fused_on():
     """torch's fused CPU kernel ignores strides; geomopt's AdamW path equals torch's plain AdamW on them."""
     torch.manual_seed(0)
-    for fused in (None, True):
+    for flags in ({}, dict(fused=True)):
         base = torch.randn(10, 3)
         mine, ref = torch.nn.Parameter(base[:, 1]), torch.nn.Parameter(base[:, 1].clone())
-        opt = geomopt.POET([{"params": [mine], "factorize": False}], lr=0.1, fused=fused)
+        opt = geomopt.POET([{"params": [mine], "factorize": False}], lr=0.1, **flags)
         torch_opt = torch.optim.AdamW([ref], lr=0.1, weight_decay=0.01)
         for _ in range(5):
             g = torch.randn(3, 10).T[:, 0]  # a strided gradient
