@@ -12,7 +12,7 @@ from geomopt.geometry import cayley_exact, cayley_neumann, rotate_cols, rotate_r
 from geomopt.geometry.blocks import block_layout, rotate_cols_, rotate_rows_
 from geomopt.geometry.cayley import cayley_neumann_horner, cayley_neumann_with_bound, rotation_inverse
 from geomopt.optim import batching, functional
-from geomopt.optim.base import finite_flags
+from geomopt.optim.checks import finite_flags
 
 f64 = torch.float64
 

@@ -9,7 +9,7 @@ import pickle
 
 import pytest
 import torch
-from contract_tools import Problem, build, clone_pair, flat_state, run, same, strided
+from contract_tools import Problem, build, clone_pair, flat_state, run, same
 from optim_table import CONFIGS, IDS
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 

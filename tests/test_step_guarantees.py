@@ -344,11 +344,14 @@ def corrupted(name):
     if cfg.cls is geomopt.POET:
         out = [("a repeated entry", lambda st: st["perm_row"].__setitem__(1, st["perm_row"][0]),
                 r"'perm_row' has repeated entries: not a permutation"),
-               ("an entry out of range", lambda st: st["perm_col"].__setitem__(0, 99), r"'perm_col' has entries outside"),
+               ("an entry out of range", lambda st: st["perm_col"].__setitem__(0, 99),
+                r"'perm_col' has entries outside"),
                ("a float permutation", lambda st: st.update(perm_row=st["perm_row"].double()),
                 r"'perm_row' must be an integer tensor"),
-               ("a broken generator state", lambda st: st.update(rng=st["rng"][:10]), r"'rng' is not a torch.Generator"),
-               ("a generator of the wrong dtype", lambda st: st.update(rng=st["rng"].long()), r"'rng' must be a 1-D uint8"),
+               ("a broken generator state", lambda st: st.update(rng=st["rng"][:10]),
+                r"'rng' is not a torch.Generator"),
+               ("a generator of the wrong dtype", lambda st: st.update(rng=st["rng"].long()),
+                r"'rng' must be a 1-D uint8"),
                ("an integer factor", lambda st: st["q_row"].__setitem__(0, st["q_row"][0].long()),
                 r"'q_row' must hold floating-point tensors")]
     elif cfg.cls is geomopt.ReLoRAReset:

@@ -22,7 +22,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import state as layout
-from .checks import check_grad, check_hyper, check_number, check_param, lr_value
+from .checks import check_grad, check_hyper, check_number, check_param, finite_flags, lr_value
 from .edits import Fingerprints
 from .functional import adam_state, choose_impl, fused_supported, prepared_adam
 from .guard import Retry, deferred_interrupt, plain_mode
@@ -30,91 +30,10 @@ from .inner import inner_rule
 from .routing import build_param_groups, is_factorized
 from .sharded import gather, global_all, is_dtensor, local_state, scatter, to_local
 
-__all__ = ["FactorOptimizer", "COMMON_ARGS_DOC", "NONFINITE_POLICIES", "EDIT_POLICIES", "factor_dtype",
-           "finite_flags", "check_rank", "fill_args_doc"]
+__all__ = ["FactorOptimizer", "GroupPlan", "NONFINITE_POLICIES", "EDIT_POLICIES"]
 
 NONFINITE_POLICIES = ("skip", "raise")
 EDIT_POLICIES = ("rebase", "raise")
-
-COMMON_ARGS_DOC = r"""
-    params: an ``nn.Module`` (routed: ``nn.Linear`` weights get the method, embeddings, the LM head
-        and all non-2-D tensors get AdamW; frozen parameters stay in their group and step once they have
-        gradients), ``model.named_parameters()`` (routed by name; the names are kept as ``param_names``),
-        plain parameters (every 2-D one is factorized; a warning says how to exclude embeddings), or param
-        groups (dicts; a group may set ``factorize=False`` and any hyperparameter below).
-    lr: learning rate of the factors and of the AdamW parameters (a float or a one-element tensor); LR
-        schedulers drive both.
-    betas, eps, weight_decay: AdamW hyperparameters of the parameters that are not factorized
-        (decoupled weight decay).
-    inner: torch optimizer class that updates the factors (default ``torch.optim.AdamW``); any
-        ``torch.optim.Optimizer`` subclass works (e.g. ``torch_optimizer.Lamb``). Its state lives in
-        ``optimizer.state[param]``; torch Adam/AdamW run as plain update functions, other classes through a
-        private instance whose step fires no optimizer hooks.
-    inner_kwargs: keyword arguments of ``inner`` other than ``lr`` (default for AdamW:
-        ``weight_decay=0``, so factors are not decayed).
-    seed: seed of the per-parameter generators; every rank and every resumed run draws the same.
-    nonfinite: ``"skip"`` (default) skips the step of a parameter whose gradient holds NaN/Inf and
-        counts it in ``stats``; ``"raise"`` raises ``FloatingPointError`` before anything changes.
-    external_edits: what a step does with a weight changed outside the optimizer since its last write
-        (``model.load_state_dict``, an in-place edit, another optimizer), where the method would otherwise
-        rewrite it from a stale base: ``"rebase"`` (default) rebuilds that weight's factors on the weight as
-        it is now and counts it in ``stats["rebases"]``; ``"raise"`` raises RuntimeError before anything
-        changes.
-    maximize: maximize the objective (the factors and the AdamW parameters ascend).
-    foreach, fused: how the Adam updates run (of the AdamW parameters, and of the factors unless
-        ``inner_kwargs`` says otherwise): ``None`` (default) is torch's choice for the parameters (foreach on
-        CUDA, else a loop) and the fused kernel for the factors where torch has one; ``True``/``False`` force
-        it. A tensor that is not contiguous never goes to the fused kernel (torch's CPU kernel ignores strides).
-    capturable, differentiable: torch's flags; only ``False`` is supported (a clear error otherwise).
-"""
-
-
-def fill_args_doc(cls: type) -> type:
-    """Class decorator: put ``COMMON_ARGS_DOC`` where the class docstring says ``<COMMON_ARGS>``
-    (``<COMMON_ARGS_NO_INNER>``: the same without ``inner``/``inner_kwargs``)."""
-    no_inner = COMMON_ARGS_DOC.split("    inner:")[0] + COMMON_ARGS_DOC[COMMON_ARGS_DOC.index("    seed:"):]
-    doc = cls.__doc__ or ""
-    cls.__doc__ = doc.replace("<COMMON_ARGS_NO_INNER>", no_inner.strip("\n")).replace(
-        "<COMMON_ARGS>", COMMON_ARGS_DOC.strip("\n"))
-    return cls
-
-
-def finite_flags(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """1-D bool tensor: whether ``tensors[i]`` holds no NaN or Inf.
-
-    One ``torch._foreach_norm`` (fp32 2-norms) instead of an ``isfinite().all()`` per tensor: a NaN or Inf
-    entry always makes the norm non-finite, and a norm that overflows from finite entries is re-checked
-    entry by entry, so the flags are exact."""
-    if not tensors:
-        return torch.zeros(0, dtype=torch.bool)
-    norms: list[Any] = [None] * len(tensors)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_dtype.setdefault(t.dtype, []).append(i)
-    for dtype, ix in by_dtype.items():  # half-precision norms in fp32, so they do not overflow at 65504
-        wide = torch.promote_types(dtype, torch.float32)
-        for i, n in zip(ix, torch._foreach_norm([tensors[i] for i in ix], 2, dtype=wide)):
-            norms[i] = n
-    ok = torch.stack([n.to(norms[0].device) for n in norms]).isfinite()
-    if not bool(ok.all()):
-        for i in (~ok).nonzero().flatten().tolist():
-            ok[i] = torch.isfinite(tensors[i]).all()
-    return ok
-
-
-def factor_dtype(p: torch.Tensor) -> torch.dtype:
-    """The dtype of the factors of weight ``p``: fp32 for bf16/fp16 weights, else the weight's own."""
-    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
-
-
-def check_rank(group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
-    """``group["rank"]`` is an int >= 1 and at most min(m, n) of every factorized weight."""
-    check_number("rank", group["rank"], low=1, integer=True)
-    for p in factorized:
-        if group["rank"] > min(p.shape):
-            raise ValueError(f"rank={group['rank']} exceeds min(m, n)={min(p.shape)} of a routed weight of "
-                             f"shape {tuple(p.shape)}; pass rank <= {min(p.shape)} or exclude that weight")
-
 
 class GroupPlan(NamedTuple):
     """What a step does to one param group, decided before anything changes."""

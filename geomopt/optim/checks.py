@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_number", "check_lr", "check_hyper", "check_param", "check_grad", "lr_value", "TORCH_FLAGS",
-           "flag_defaults"]
+__all__ = ["check_number", "check_lr", "check_hyper", "check_param", "check_grad", "check_rank", "finite_flags",
+           "lr_value", "TORCH_FLAGS", "flag_defaults"]
 
 #: torch.optim's implementation flags, geomopt's defaults for them
 TORCH_FLAGS = {"maximize": False, "foreach": None, "fused": None, "capturable": False, "differentiable": False}
@@ -102,3 +102,35 @@ def check_grad(owner: str, p: torch.Tensor) -> None:
     if tuple(g.shape) != tuple(p.shape) or g.device != p.device:
         raise ValueError(f"{owner}: the gradient of a {where} on {p.device} has shape {tuple(g.shape)} on "
                          f"{g.device}")
+
+
+def check_rank(group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
+    """``group["rank"]`` is an int >= 1 and at most min(m, n) of every factorized weight."""
+    check_number("rank", group["rank"], low=1, integer=True)
+    for p in factorized:
+        if group["rank"] > min(p.shape):
+            raise ValueError(f"rank={group['rank']} exceeds min(m, n)={min(p.shape)} of a routed weight of "
+                             f"shape {tuple(p.shape)}; pass rank <= {min(p.shape)} or exclude that weight")
+
+
+def finite_flags(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """1-D bool tensor: whether ``tensors[i]`` holds no NaN or Inf.
+
+    One ``torch._foreach_norm`` (fp32 2-norms) instead of an ``isfinite().all()`` per tensor: a NaN or Inf
+    entry always makes the norm non-finite, and a norm that overflows from finite entries is re-checked
+    entry by entry, so the flags are exact."""
+    if not tensors:
+        return torch.zeros(0, dtype=torch.bool)
+    norms: list[Any] = [None] * len(tensors)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    for dtype, ix in by_dtype.items():  # half-precision norms in fp32, so they do not overflow at 65504
+        wide = torch.promote_types(dtype, torch.float32)
+        for i, n in zip(ix, torch._foreach_norm([tensors[i] for i in ix], 2, dtype=wide)):
+            norms[i] = n
+    ok = torch.stack([n.to(norms[0].device) for n in norms]).isfinite()
+    if not bool(ok.all()):
+        for i in (~ok).nonzero().flatten().tolist():
+            ok[i] = torch.isfinite(tensors[i]).all()
+    return ok

@@ -8,9 +8,11 @@ import torch
 
 from ..geometry.lowrank import retract, stabilize, tangent_project, transport
 from . import state as layout
-from .base import FactorOptimizer, check_rank, factor_dtype, fill_args_doc
-from .checks import check_number, flag_defaults
+from .base import FactorOptimizer
+from .checks import check_number, check_rank, flag_defaults
+from .docs import fill_args_doc
 from .sharded import all_reduce, like, row_shard, to_local, tsqr
+from .state import factor_dtype
 
 __all__ = ["DLRAMomentum", "METHODS"]
 

@@ -7,15 +7,28 @@ from typing import Any
 
 import torch
 
-from ..geometry import block_layout, block_sizes, rotation_inverse, skew_size
+from ..geometry import block_layout, block_sizes, skew_size
 from . import state as layout
-from .base import FactorOptimizer, factor_dtype, fill_args_doc
+from .base import FactorOptimizer
 from .batching import ByKey, chunks
 from .checks import check_number, flag_defaults
+from .docs import fill_args_doc
 from .guard import deferred_interrupt
 from .inner import AdamRule
-from .poet_step import Work, apply_blocks, block_grads, delta, rewrite, rotation, rotation_and_bound, rotations
-from .sharded import all_reduce, like, local_state, reduce_over_meshes, row_shard, shard_state, to_local
+from .poet_step import (
+    Work,
+    apply_blocks,
+    delta,
+    generator_grads,
+    new_factors,
+    rewrite,
+    rotation,
+    rotation_and_bound,
+    rotations,
+    safeguard,
+)
+from .sharded import like, local_state, row_shard, to_local
+from .state import factor_dtype
 
 __all__ = ["POETOptimizer", "POET"]
 
@@ -269,7 +282,8 @@ class POETOptimizer(FactorOptimizer):
                                    step=layout.Count(), since_merge=layout.Count(), merges=layout.Count(),
                                    early_merges=layout.Count(), built_with=layout.Optional(layout.Settings()))
         for side, dim in zip(_SIDES, p.shape):
-            shapes = [(nb, skew_size(b)) for nb, b in _sizes(dim, group, self._chunks(p, group) if side == "row" else 1)]
+            chunks = self._chunks(p, group) if side == "row" else 1
+            shapes = [(nb, skew_size(b)) for nb, b in _sizes(dim, group, chunks)]
             out[f"q_{side}"] = layout.FloatsList(shapes)
             out[f"inner_{side}"] = layout.InnerList(shapes, keys)
         if group["store_base"]:
@@ -292,41 +306,13 @@ class POETOptimizer(FactorOptimizer):
         return Work(p, g, st, shard, rows, cols, [to_local(q) for q in st["q_row"]] + st["q_col"],
                     [local_state(s) for s in st["inner_row"]], factor_dtype(p))
 
-    def _factor_grads(self, works: list[Work], batch: ByKey, terms: int | None):
-        """(old rotations, their inverses, the generators' gradients per entry of ``batch``)."""
-        qs = [q for w in works for q in w.qs]
-        with torch.enable_grad():
-            leaves = {k: t.detach().requires_grad_() for k, t in batch.cat(qs).items()}
-            rots = {k: rotation(leaf, k[1], terms) for k, leaf in leaves.items()}
-        old = {k: r.detach() for k, r in rots.items()}
-        inv = {k: rotation_inverse(r) for k, r in old.items()}
-        # M = W0 P = R^-1 W and N = R W0 = W P^-1 hold in both modes, so the gradients are taken from
-        # W itself (the lean formulas, with D^-T = D and E^-T = E for orthogonal blocks):
-        # dL/dD_k = G[s_k] W[s_k]^T D_k^-T,  dL/dE_k = E_k^-T W[:, t_k]^T G[:, t_k]
-        raw = block_grads(works, batch)
-        outs = [raw[k] @ inv[k].transpose(1, 2) if k[0] == "row" else inv[k].transpose(1, 2) @ raw[k] for k in rots]
-        del raw
-        with torch.enable_grad():
-            grads = batch.split(dict(zip(rots, torch.autograd.grad(list(rots.values()), list(leaves.values()),
-                                                                   grad_outputs=outs)))) if rots else []
-        pos = 0
-        for w in works:
-            nrow, gq = len(w.rows), grads[pos: pos + len(w.qs)]
-            if w.shard is not None and w.cols:  # a column block sums over every row: add the ranks' parts
-                col = gq[nrow:]
-                flat = all_reduce(torch.cat([c.reshape(-1) for c in col]), w.shard)
-                grads[pos + nrow: pos + len(w.qs)] = [c.view_as(x) for c, x in zip(flat.split([x.numel() for x in col]),
-                                                                                  col)]
-            pos += len(w.qs)
-        return old, inv, grads
-
     def _step_run(self, group: dict[str, Any], works: list[Work], lr: float) -> None:
         """One batched step of ``works``: new generators out of place, new rotations, then per weight the new
         weight (out of place) and its new state, committed together."""
         terms = None if group["exact_cayley"] else group["neumann_terms"]
         batch = ByKey([(side, idx.shape[1], q.dtype, q.device) for w in works
                        for (side, idx), q in zip(w.sides(), w.qs)], [q.shape[0] for w in works for q in w.qs])
-        old, inv, grads = self._factor_grads(works, batch, terms)
+        old, inv, grads = generator_grads(works, batch, terms)
         inner = [s for w in works for s in w.inner_row + w.st["inner_col"]]
         new_qs, new_inner = self._inner.updated([q for w in works for q in w.qs], grads, inner, lr,
                                                 foreach=group["foreach"], fused=group["fused"])
@@ -335,7 +321,7 @@ class POETOptimizer(FactorOptimizer):
         if group["max_q_norm"] is not None and terms is not None:
             pairs = {k: rotation_and_bound(q, k[1], terms) for k, q in new_q.items()}
             mats = {k: r for k, (r, _) in pairs.items()}
-            flags = self._safeguard(group["max_q_norm"], works, batch, {k: bd for k, (_, bd) in pairs.items()})
+            flags = safeguard(group["max_q_norm"], works, batch, {k: bd for k, (_, bd) in pairs.items()})
         else:
             mats = {k: rotation(q, k[1], terms) for k, q in new_q.items()}
         if not group["store_base"]:  # D_new D_old^-1 = I + (D_new - D_old) D_old^-1: exactly I when Q did not move
@@ -354,37 +340,10 @@ class POETOptimizer(FactorOptimizer):
                     delta(side, r, olds[i], invs[i]) for i, (side, _), r in zip(idx, w.sides(), exact)]
             w_new = rewrite(w, mine, group["store_base"])
             updates = dict(step=w.st["step"] + 1, since_merge=w.st["since_merge"] + 1,
-                           **self._new_factors(w, qs, [new_inner[i] for i in idx]))
+                           **new_factors(w, qs, [new_inner[i] for i in idx]))
             if early or updates["since_merge"] >= group["merge_every"]:
                 updates.update(self._merged(w.p, {**w.st, **updates}, group, w_new, early))
             self._commit(w.p, functools.partial(to_local(w.p).copy_, w_new), updates)
-
-    @staticmethod
-    def _new_factors(w: Work, qs: list[torch.Tensor], inner: list[dict[str, Any]]) -> dict[str, Any]:
-        """A weight's new generators and inner states as state entries (row ones as DTensors when sharded)."""
-        nrow = len(w.rows)
-        rows, inner_rows = qs[:nrow], inner[:nrow]
-        if w.shard is not None:
-            rows = [like(q, w.shard) for q in rows]
-            inner_rows = [shard_state(s, w.shard, q.shape) for s, q in zip(inner_rows, qs[:nrow])]
-        return dict(q_row=rows, q_col=qs[nrow:], inner_row=inner_rows, inner_col=inner[nrow:])
-
-    @staticmethod
-    def _safeguard(limit: float, works: list[Work], batch: ByKey, block_bounds: dict) -> list:
-        """Per weight: whether the bound on the spectral norm of one of its updated generators (``block_bounds``:
-        per key of ``batch``, one per block) passes ``limit`` (the maximum over a sharded weight's ranks)."""
-        if not block_bounds:
-            return [False] * len(works)
-        first = next(iter(block_bounds.values()))
-        dtype = functools.reduce(torch.promote_types, [v.dtype for v in block_bounds.values()])
-        bounds = torch.zeros(len(works), dtype=dtype, device=first.device)
-        owners = batch.owners([i for i, w in enumerate(works) for _ in w.qs], bounds.device)
-        for k, v in block_bounds.items():
-            bounds.scatter_reduce_(0, owners[k], v.to(bounds.device, dtype), "amax")
-        sharded = [w.p if w.shard is not None else None for w in works]
-        if any(x is not None for x in sharded):  # a weight's row blocks are spread over its ranks
-            bounds = reduce_over_meshes(bounds, sharded, torch.distributed.ReduceOp.MAX)
-        return (bounds > limit).tolist()
 
     def _merged(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], w_new: torch.Tensor | None,
                 early: bool) -> dict[str, Any]:

@@ -1,24 +1,29 @@
-"""POET's step, the parts that touch the dense weights: block gradients from G and W, and the rewrite of W.
+"""POET's step in stages: block gradients from G and W and their generator gradients (``generator_grads``), the
+rotations of the updated generators (``rotation``, with the safeguard's bound: ``rotation_and_bound``,
+``safeguard``), the rewrite of W (``rewrite``), the new state (``new_factors``). ``POETOptimizer._step_run`` runs
+them in order and commits each weight.
 
-They stay weight by weight: each weight's gathers and block products fit in cache, while stacking the weights of
-one shape into a single matrix (to save calls) was measured 1x to 4x slower on the small preset's CPU (its
+The dense parts stay weight by weight: each weight's gathers and block products fit in cache, while stacking the
+weights of one shape into a single matrix (to save calls) was measured 1x to 4x slower on the small preset's CPU (its
 large strided gathers and scatters run out of cache). The small b x b work of all weights is batched instead,
 in ``POETOptimizer._step_run``. The rewrite is out of place: the step commits the new weight together with the
 new state, so an exception never leaves one advanced without the other.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Hashable, NamedTuple
 
 import torch
 
-from ..geometry import skew_norm_bound
+from ..geometry import rotation_inverse, skew_norm_bound
 from ..geometry.cayley import cayley_neumann_with_bound
 from ..geometry.dispatch import REFERENCES, call, kernel_for
 from .batching import ByKey
-from .sharded import to_local
+from .sharded import all_reduce, like, reduce_over_meshes, shard_state, to_local
 
-__all__ = ["Work", "rotation", "rotation_and_bound", "rotations", "delta", "apply_blocks", "block_grads", "rewrite"]
+__all__ = ["Work", "rotation", "rotation_and_bound", "rotations", "delta", "apply_blocks", "block_grads", "rewrite",
+           "generator_grads", "safeguard", "new_factors"]
 
 
 class Work(NamedTuple):
@@ -95,3 +100,60 @@ def rewrite(w: Work, mats: list[torch.Tensor], store_base: bool) -> torch.Tensor
     nrow = len(w.rows)
     base = to_local(w.st["w0"]) if store_base else to_local(w.p).detach().to(w.fdtype)
     return apply_blocks(base, w.rows, mats[:nrow], w.cols, mats[nrow:])
+
+
+def generator_grads(works: list[Work], batch: ByKey, terms: int | None):
+    """Stages 1-2: block gradients from G and W, then through the map to the generators. Returns (old rotations,
+    their inverses, per key of ``batch``; the generators' gradients, per entry of ``batch``)."""
+    qs = [q for w in works for q in w.qs]
+    with torch.enable_grad():
+        leaves = {k: t.detach().requires_grad_() for k, t in batch.cat(qs).items()}
+        rots = {k: rotation(leaf, k[1], terms) for k, leaf in leaves.items()}
+    old = {k: r.detach() for k, r in rots.items()}
+    inv = {k: rotation_inverse(r) for k, r in old.items()}
+    # M = W0 P = R^-1 W and N = R W0 = W P^-1 hold in both modes, so the gradients are taken from
+    # W itself (the lean formulas, with D^-T = D and E^-T = E for orthogonal blocks):
+    # dL/dD_k = G[s_k] W[s_k]^T D_k^-T,  dL/dE_k = E_k^-T W[:, t_k]^T G[:, t_k]
+    raw = block_grads(works, batch)
+    outs = [raw[k] @ inv[k].transpose(1, 2) if k[0] == "row" else inv[k].transpose(1, 2) @ raw[k] for k in rots]
+    del raw
+    with torch.enable_grad():
+        grads = batch.split(dict(zip(rots, torch.autograd.grad(list(rots.values()), list(leaves.values()),
+                                                               grad_outputs=outs)))) if rots else []
+    pos = 0
+    for w in works:
+        nrow, gq = len(w.rows), grads[pos: pos + len(w.qs)]
+        if w.shard is not None and w.cols:  # a column block sums over every row: add the ranks' parts
+            col = gq[nrow:]
+            flat = all_reduce(torch.cat([c.reshape(-1) for c in col]), w.shard)
+            grads[pos + nrow: pos + len(w.qs)] = [c.view_as(x) for c, x in zip(flat.split([x.numel() for x in col]),
+                                                                              col)]
+        pos += len(w.qs)
+    return old, inv, grads
+
+
+def safeguard(limit: float, works: list[Work], batch: ByKey, block_bounds: dict) -> list:
+    """Per weight: whether the bound on the spectral norm of one of its updated generators (``block_bounds``:
+    per key of ``batch``, one per block) passes ``limit`` (the maximum over a sharded weight's ranks)."""
+    if not block_bounds:
+        return [False] * len(works)
+    first = next(iter(block_bounds.values()))
+    dtype = functools.reduce(torch.promote_types, [v.dtype for v in block_bounds.values()])
+    bounds = torch.zeros(len(works), dtype=dtype, device=first.device)
+    owners = batch.owners([i for i, w in enumerate(works) for _ in w.qs], bounds.device)
+    for k, v in block_bounds.items():
+        bounds.scatter_reduce_(0, owners[k], v.to(bounds.device, dtype), "amax")
+    sharded = [w.p if w.shard is not None else None for w in works]
+    if any(x is not None for x in sharded):  # a weight's row blocks are spread over its ranks
+        bounds = reduce_over_meshes(bounds, sharded, torch.distributed.ReduceOp.MAX)
+    return (bounds > limit).tolist()
+
+
+def new_factors(w: Work, qs: list[torch.Tensor], inner: list[dict[str, Any]]) -> dict[str, Any]:
+    """A weight's new generators and inner states as state entries (row ones as DTensors when sharded)."""
+    nrow = len(w.rows)
+    rows, inner_rows = qs[:nrow], inner[:nrow]
+    if w.shard is not None:
+        rows = [like(q, w.shard) for q in rows]
+        inner_rows = [shard_state(s, w.shard, q.shape) for s, q in zip(inner_rows, qs[:nrow])]
+    return dict(q_row=rows, q_col=qs[nrow:], inner_row=inner_rows, inner_col=inner[nrow:])

@@ -8,10 +8,12 @@ from typing import Any
 import torch
 
 from . import state as layout
-from .base import FactorOptimizer, check_rank, factor_dtype, fill_args_doc
-from .checks import check_number, flag_defaults
+from .base import FactorOptimizer
+from .checks import check_number, check_rank, flag_defaults
+from .docs import fill_args_doc
 from .inner import AdamRule
 from .sharded import all_reduce, is_dtensor, like, local_state, put_back, row_shard, shard_state, to_local
+from .state import factor_dtype
 
 __all__ = ["ReLoRAReset", "PRUNE_MODES", "prune_state_"]
 

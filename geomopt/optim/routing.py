@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn

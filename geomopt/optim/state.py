@@ -14,8 +14,13 @@ import torch
 
 from .sharded import is_dtensor, to_local
 
-__all__ = ["Spec", "Count", "Flag", "Seed", "Perm", "RngState", "Floats", "FloatsList", "Inner", "InnerList",
-           "Settings", "Optional", "Step", "check", "copy_state", "adamw_layout"]
+__all__ = ["factor_dtype", "Spec", "Count", "Flag", "Seed", "Perm", "RngState", "Floats", "FloatsList", "Inner",
+           "InnerList", "Settings", "Optional", "Step", "check", "copy_state", "adamw_layout", "ADAM_KEYS"]
+
+
+def factor_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype of the factors of weight ``p``: fp32 for bf16/fp16 weights, else the weight's own."""
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
 def _what(v: Any) -> str:
@@ -57,9 +62,9 @@ class Step(Spec):
 
     def check(self, value):
         if isinstance(value, torch.Tensor):
-            if value.numel() != 1 or value.is_complex():
+            if value.numel() != 1 or value.is_complex() or is_dtensor(value):
                 return "must be a number or a one-element real tensor"
-            value = float(to_local(value).reshape(-1)[0]) if not is_dtensor(value) else 0.0
+            value = float(value)
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             return "must be a number or a one-element tensor"
         return None if value >= 0 else "must be >= 0"
@@ -168,8 +173,8 @@ class Settings(Spec):
     """The group settings a weight's factors were built with: a dict of numbers, strings, bools and None."""
 
     def check(self, value):
-        ok = isinstance(value, dict) and all(isinstance(k, str) and (v is None or isinstance(v, (bool, int, float, str)))
-                                             for k, v in value.items())
+        plain = (bool, int, float, str, type(None))
+        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, plain) for k, v in value.items())
         return None if ok else "must be a dict of settings (numbers, strings, bools, None)"
 
 

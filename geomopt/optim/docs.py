@@ -1,0 +1,46 @@
+"""The argument text every geomopt optimizer's docstring shares (one place), and the decorator that puts it there."""
+from __future__ import annotations
+
+__all__ = ["COMMON_ARGS_DOC", "fill_args_doc"]
+
+COMMON_ARGS_DOC = r"""
+    params: an ``nn.Module`` (routed: ``nn.Linear`` weights get the method, embeddings, the LM head
+        and all non-2-D tensors get AdamW; frozen parameters stay in their group and step once they have
+        gradients), ``model.named_parameters()`` (routed by name; the names are kept as ``param_names``),
+        plain parameters (every 2-D one is factorized; a warning says how to exclude embeddings), or param
+        groups (dicts; a group may set ``factorize=False`` and any hyperparameter below).
+    lr: learning rate of the factors and of the AdamW parameters (a float or a one-element tensor); LR
+        schedulers drive both.
+    betas, eps, weight_decay: AdamW hyperparameters of the parameters that are not factorized
+        (decoupled weight decay).
+    inner: torch optimizer class that updates the factors (default ``torch.optim.AdamW``); any
+        ``torch.optim.Optimizer`` subclass works (e.g. ``torch_optimizer.Lamb``). Its state lives in
+        ``optimizer.state[param]``; torch Adam/AdamW run as plain update functions, other classes through a
+        private instance whose step fires no optimizer hooks.
+    inner_kwargs: keyword arguments of ``inner`` other than ``lr`` (default for AdamW:
+        ``weight_decay=0``, so factors are not decayed).
+    seed: seed of the per-parameter generators; every rank and every resumed run draws the same.
+    nonfinite: ``"skip"`` (default) skips the step of a parameter whose gradient holds NaN/Inf and
+        counts it in ``stats``; ``"raise"`` raises ``FloatingPointError`` before anything changes.
+    external_edits: what a step does with a weight changed outside the optimizer since its last write
+        (``model.load_state_dict``, an in-place edit, another optimizer), where the method would otherwise
+        rewrite it from a stale base: ``"rebase"`` (default) rebuilds that weight's factors on the weight as
+        it is now and counts it in ``stats["rebases"]``; ``"raise"`` raises RuntimeError before anything
+        changes.
+    maximize: maximize the objective (the factors and the AdamW parameters ascend).
+    foreach, fused: how the Adam updates run (of the AdamW parameters, and of the factors unless
+        ``inner_kwargs`` says otherwise): ``None`` (default) is torch's choice for the parameters (foreach on
+        CUDA, else a loop) and the fused kernel for the factors where torch has one; ``True``/``False`` force
+        it. A tensor that is not contiguous never goes to the fused kernel (torch's CPU kernel ignores strides).
+    capturable, differentiable: torch's flags; only ``False`` is supported (a clear error otherwise).
+"""
+
+
+def fill_args_doc(cls: type) -> type:
+    """Class decorator: put ``COMMON_ARGS_DOC`` where the class docstring says ``<COMMON_ARGS>``
+    (``<COMMON_ARGS_NO_INNER>``: the same without ``inner``/``inner_kwargs``)."""
+    no_inner = COMMON_ARGS_DOC.split("    inner:")[0] + COMMON_ARGS_DOC[COMMON_ARGS_DOC.index("    seed:"):]
+    doc = cls.__doc__ or ""
+    cls.__doc__ = doc.replace("<COMMON_ARGS_NO_INNER>", no_inner.strip("\n")).replace(
+        "<COMMON_ARGS>", COMMON_ARGS_DOC.strip("\n"))
+    return cls
