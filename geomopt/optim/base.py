@@ -25,7 +25,7 @@ from . import state as layout
 from .checks import check_grad, check_hyper, check_number, check_param, finite_flags, lr_value
 from .edits import Fingerprints
 from .functional import adam_state, choose_impl, fused_supported, prepared_adam
-from .guard import Retry, deferred_interrupt, plain_mode
+from .guard import HeldInterrupt, Retry, plain_mode
 from .inner import inner_rule
 from .routing import build_param_groups, is_factorized
 from .sharded import gather, global_all, is_dtensor, local_state, scatter, to_local
@@ -85,6 +85,7 @@ class FactorOptimizer(Optimizer):
         """What lives only in this process (not pickled, not in the state_dict)."""
         self._edits = Fingerprints()
         self._retry = Retry()
+        self._interrupts = HeldInterrupt()
         self._committed: list[torch.Tensor] = []
         self._origin: dict[int, torch.Tensor] = {}
 
@@ -157,7 +158,7 @@ class FactorOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with plain_mode({p.device.type for g in self.param_groups for p in g["params"]}):
+        with plain_mode({p.device.type for g in self.param_groups for p in g["params"]}), self._interrupts:
             plans = self._plan()
             self._committed = []
             try:
@@ -296,7 +297,7 @@ class FactorOptimizer(Optimizer):
                 updates: dict[str, Any] | None = None) -> None:
         """Commit one weight: ``write()`` (in-place, allocation-free: the new weight) and its new state entries,
         together, with Ctrl-C held until both are done."""
-        with deferred_interrupt():
+        with self._interrupts.held:
             if write is not None:
                 write()
             if updates:
@@ -321,7 +322,7 @@ class FactorOptimizer(Optimizer):
                                    [views[i] for i in ix], **hyper)
             for i in ix:  # the step count as the path wants it (same value), before anything changes
                 self.state[params[i]]["step"] = views[i]["step"]
-            with deferred_interrupt():
+            with self._interrupts.held:
                 commit()
                 self._committed += [self._origin.get(id(params[i]), params[i]) for i in ix]
 

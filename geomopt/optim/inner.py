@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
-from .functional import adam_state, choose_impl, prepared_adam
+from .functional import adam_state, choose_impl, fused_adam_updated, prepared_adam
 
 __all__ = ["inner_rule", "AdamRule", "OptimizerRule", "clone_state"]
 
@@ -97,11 +97,16 @@ class AdamRule:
 
     def updated(self, factors: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, Any]],
                 lr: float, *, foreach: bool | None = None, fused: bool | None = None):
+        if not factors:
+            return [], []
+        states = [s if s else self.fresh(f, foreach=foreach, fused=fused) for s, f in zip(states, factors)]
+        if self._impl(factors, foreach, fused, True) == "fused" and all(f.is_contiguous() for f in factors):
+            return fused_adam_updated([f.detach() for f in factors], grads, states, lr=lr, beta1=self.betas[0],
+                                      beta2=self.betas[1], eps=self.eps, weight_decay=self.weight_decay,
+                                      decoupled=self.decoupled, amsgrad=self.amsgrad)
         new = [f.detach().clone() for f in factors]
-        new_states = [clone_state(s) if s else self.fresh(f, foreach=foreach, fused=fused)
-                      for s, f in zip(states, factors)]
-        if new:
-            self._call(new, grads, new_states, lr, foreach, fused, True)()
+        new_states = [clone_state(s) for s in states]
+        self._call(new, grads, new_states, lr, foreach, fused, True)()
         return new, new_states
 
     def update_(self, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, Any]],
