@@ -148,3 +148,15 @@ def test_generation_with_the_kv_cache_is_unchanged_by_growth():
     before = model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
     grow.expand(model, mlp_width=64, heads=6, head_dim=10, hidden=48, add_layers=[0, 2], init="zeros")
     assert torch.equal(model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0), before)
+
+
+def test_named_groups_keep_their_names_aligned_through_growth(corpus):
+    model = llama()
+    opt = geomopt.POET(model.named_parameters(), lr=1e-2, block_size=8)
+    gen = torch.Generator().manual_seed(0)
+    train(model, opt, corpus, 2, gen)
+    grow.expand(model, opt, mlp_width=64, add_layers=[1])
+    named = dict(model.named_parameters())
+    for group in opt.param_groups:
+        assert all(named[n] is p for n, p in zip(group["param_names"], group["params"], strict=True))
+    train(model, opt, corpus, 2, gen)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["block_sizes", "block_layout", "rotate_rows", "rotate_cols", "rotate_rows_", "rotate_cols_",
-           "row_block_grad", "col_block_grad"]
+           "rotation_buffers", "row_block_grad", "col_block_grad"]
 
 
 def block_sizes(dim: int, block: int, fully_stochastic: bool) -> list[tuple[int, int]]:
@@ -51,19 +51,43 @@ def rotate_cols(x: torch.Tensor, idx: torch.Tensor, e: torch.Tensor) -> torch.Te
     return rotate_cols_(x.clone(), idx, e)
 
 
-def rotate_rows_(x: torch.Tensor, idx: torch.Tensor, d: torch.Tensor, src: torch.Tensor | None = None) -> torch.Tensor:
+def rotation_buffers(x: torch.Tensor, idx: torch.Tensor, rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two work tensors ``rotate_rows_`` / ``rotate_cols_`` need for ``idx`` on ``x`` (gathered blocks and their
+    products): allocated up front, they make the in-place rotations allocation-free."""
+    length = x.shape[1] if rows else x.shape[0]
+    shape = (idx.numel(), length) if rows else (length, idx.numel())
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+def rotate_rows_(x: torch.Tensor, idx: torch.Tensor, d: torch.Tensor, src: torch.Tensor | None = None,
+                 buffers: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``rotate_rows`` in place (x is returned): the rows are gathered before any is written. With ``src``, rows
-    ``idx[k]`` of x become ``d[k] @ src[idx[k]]`` and the other rows of x are left as they are."""
+    ``idx[k]`` of x become ``d[k] @ src[idx[k]]`` and the other rows of x are left as they are. With ``buffers``
+    (``rotation_buffers``) nothing is allocated."""
     flat = idx.reshape(-1)
     src = x if src is None else src
-    return x.index_copy_(0, flat, torch.bmm(d, src.index_select(0, flat).view(*idx.shape, -1)).view(flat.numel(), -1))
+    if buffers is None:  # differentiable (the references are checked against autograd)
+        return x.index_copy_(0, flat, torch.bmm(d, src.index_select(0, flat).view(*idx.shape, -1)).view(flat.numel(),
+                                                                                                      -1))
+    gathered, out = buffers
+    torch.index_select(src, 0, flat, out=gathered)
+    torch.bmm(d, gathered.view(*idx.shape, -1), out=out.view(*idx.shape, -1))
+    return x.index_copy_(0, flat, out)
 
 
-def rotate_cols_(x: torch.Tensor, idx: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """``rotate_cols`` in place (x is returned)."""
+def rotate_cols_(x: torch.Tensor, idx: torch.Tensor, e: torch.Tensor,
+                 buffers: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``rotate_cols`` in place (x is returned); with ``buffers`` nothing is allocated."""
     flat = idx.reshape(-1)
-    blocks = x.index_select(1, flat).view(x.shape[0], *idx.shape).transpose(0, 1)  # (n_blocks, m, b)
-    return x.index_copy_(1, flat, torch.bmm(blocks, e).transpose(0, 1).reshape(x.shape[0], flat.numel()))
+    rows = x.shape[0]
+    if buffers is None:  # differentiable
+        blocks = x.index_select(1, flat).view(rows, *idx.shape).transpose(0, 1)  # (n_blocks, m, b)
+        return x.index_copy_(1, flat, torch.bmm(blocks, e).transpose(0, 1).reshape(rows, flat.numel()))
+    gathered, out = buffers
+    torch.index_select(x, 1, flat, out=gathered)
+    blocks = gathered.view(rows, *idx.shape).transpose(0, 1)  # (n_blocks, m, b)
+    torch.bmm(blocks, e, out=out.view(rows, *idx.shape).transpose(0, 1))
+    return x.index_copy_(1, flat, out)
 
 
 def row_block_grad(g: torch.Tensor, m: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -68,9 +68,12 @@ def carry(optimizer: Any, growth: Growth, model: torch.nn.Module) -> None:
         if group is not None:
             group["params"].append(new)
     order = {id(p): i for i, p in enumerate(model.parameters())}
+    names = {id(p): n for n, p in model.named_parameters()}
     for group in optimizer.param_groups:
         if all(id(p) in order for p in group["params"]):
             group["params"].sort(key=lambda p: order[id(p)])
+            if "param_names" in group:  # torch's param_names: the grown model's names (added layers shift them)
+                group["param_names"] = [names[id(p)] for p in group["params"]]
 
 
 def _pad_like(st: dict[str, Any], r: Resize) -> None:

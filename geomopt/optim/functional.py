@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 __all__ = ["IMPLS", "adam", "adam_state", "prepare_grads", "new_denoms", "choose_impl", "fused_supported",
-           "prepared_adam", "fused_adam_updated"]
+           "prepared_adam"]
 
 IMPLS = ("single", "foreach", "fused")
 
@@ -211,29 +211,3 @@ def prepared_adam(params: list[torch.Tensor], grads: list[torch.Tensor], states:
 
     return commit
 
-
-def fused_adam_updated(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, Any]], *,
-                       lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
-                       amsgrad: bool) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """The fused update out of place: new parameters and new states (nothing given changes but the step counts'
-    device and dtype, value kept), with torch's functional kernel (one call per device and dtype, instead of a
-    copy of every tensor and then the in-place kernel). Contiguous tensors only."""
-    kernel = torch.ops.aten._fused_adamw.default if decoupled else torch.ops.aten._fused_adam.default
-    new_params: list[Any] = [None] * len(params)
-    new_states: list[Any] = [None] * len(params)
-    by_key: dict[tuple, list[int]] = {}
-    for i, p in enumerate(params):
-        by_key.setdefault((p.device, p.dtype), []).append(i)
-    for ix in by_key.values():
-        steps = torch._foreach_add([_ready_step(states[i], params[i], "fused") for i in ix], 1)
-        outs = kernel([params[i] for i in ix], [grads[i] for i in ix], [states[i]["exp_avg"] for i in ix],
-                      [states[i]["exp_avg_sq"] for i in ix],
-                      [states[i]["max_exp_avg_sq"] for i in ix] if amsgrad else [], steps, lr=lr, beta1=beta1,
-                      beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=False)
-        for j, i in enumerate(ix):
-            new_params[i] = outs[0][j]
-            st = dict(step=steps[j], exp_avg=outs[2][j], exp_avg_sq=outs[3][j])
-            if amsgrad:
-                st["max_exp_avg_sq"] = outs[4][j]
-            new_states[i] = st
-    return new_params, new_states

@@ -22,9 +22,11 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
-from .functional import adam_state, choose_impl, fused_adam_updated, prepared_adam
+from .functional import adam_state, choose_impl, prepared_adam
 
 __all__ = ["inner_rule", "AdamRule", "OptimizerRule", "clone_state"]
+
+ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")
 
 #: keys of ``inner_kwargs`` that the geomopt optimizer's own arguments set, or that its step cannot honour
 _REFUSED = {"lr": "the group's lr drives the factors", "maximize": "pass maximize to the geomopt optimizer",
@@ -101,9 +103,11 @@ class AdamRule:
             return [], []
         states = [s if s else self.fresh(f, foreach=foreach, fused=fused) for s, f in zip(states, factors)]
         if self._impl(factors, foreach, fused, True) == "fused" and all(f.is_contiguous() for f in factors):
-            return fused_adam_updated([f.detach() for f in factors], grads, states, lr=lr, beta1=self.betas[0],
-                                      beta2=self.betas[1], eps=self.eps, weight_decay=self.weight_decay,
-                                      decoupled=self.decoupled, amsgrad=self.amsgrad)
+            new = [f.detach().clone() for f in factors]  # then the in-place kernel on the copies: cheaper on CPU
+            keys = ADAM_KEYS + (("max_exp_avg_sq",) if self.amsgrad else ())  # than torch's functional kernel
+            new_states = [{k: s[k].clone() if isinstance(s[k], torch.Tensor) else s[k] for k in keys} for s in states]
+            self._call(new, grads, new_states, lr, foreach, fused, True)()
+            return new, new_states
         new = [f.detach().clone() for f in factors]
         new_states = [clone_state(s) for s in states]
         self._call(new, grads, new_states, lr, foreach, fused, True)()

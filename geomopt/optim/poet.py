@@ -1,7 +1,6 @@
 """POET: reparameterized training via orthogonal equivalence transformation, as an optimizer."""
 from __future__ import annotations
 
-import functools
 import weakref
 from typing import Any
 
@@ -81,9 +80,10 @@ class POETOptimizer(FactorOptimizer):
 
     computed from the current W in both modes, since :math:`M = R^{-1} W` and :math:`N = W P^{-1}`:
     :math:`G_{s_k} W_{s_k}^\top D_k^{-\top}` and :math:`E_k^{-\top} W_{:,t_k}^\top G_{:,t_k}` (b x b
-    inverses; for orthogonal blocks these are DESIGN.md's :math:`G_{s_k} W_{s_k}^\top D_k` and
+    inverses; for orthogonal blocks these are lean mode's :math:`G_{s_k} W_{s_k}^\top D_k` and
     :math:`E_k W_{:,t_k}^\top G_{:,t_k}`, and they stay exact for the Neumann series), back-propagates
-    them to the packed generators, updates those with the inner optimizer and rewrites W in place.
+    them to the packed generators, updates those with the inner optimizer and rewrites W (computed out of
+    place, then committed together with the state).
     Every ``merge_every`` steps it merges (W0 <- R W0 P, Q <- 0, inner state reset, new permutations:
     the paper's merge-then-reinitialize). ``mode="fs"`` draws one block of ``block_size`` indices per
     side (an int, or a float fraction of the dimension); R is the identity elsewhere.
@@ -338,12 +338,13 @@ class POETOptimizer(FactorOptimizer):
                 exact = rotations(qs, w.rows + w.cols, None)
                 mine = exact if group["store_base"] else [
                     delta(side, r, olds[i], invs[i]) for i, (side, _), r in zip(idx, w.sides(), exact)]
-            w_new = rewrite(w, mine, group["store_base"])
             updates = dict(step=w.st["step"] + 1, since_merge=w.st["since_merge"] + 1,
                            **new_factors(w, qs, [new_inner[i] for i in idx]))
-            if early or updates["since_merge"] >= group["merge_every"]:
-                updates.update(self._merged(w.p, {**w.st, **updates}, group, w_new, early))
-            self._commit(w.p, functools.partial(to_local(w.p).copy_, w_new), updates)
+            merge = early or updates["since_merge"] >= group["merge_every"]
+            write, kept = rewrite(w, mine, group["store_base"], keep=merge and group["store_base"])
+            if merge:
+                updates.update(self._merged(w.p, {**w.st, **updates}, group, kept, early))
+            self._commit(w.p, write, updates)
 
     def _merged(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], w_new: torch.Tensor | None,
                 early: bool) -> dict[str, Any]:

@@ -6,8 +6,8 @@ them in order and commits each weight.
 The dense parts stay weight by weight: each weight's gathers and block products fit in cache, while stacking the
 weights of one shape into a single matrix (to save calls) was measured 1x to 4x slower on the small preset's CPU (its
 large strided gathers and scatters run out of cache). The small b x b work of all weights is batched instead,
-in ``POETOptimizer._step_run``. The rewrite is out of place: the step commits the new weight together with the
-new state, so an exception never leaves one advanced without the other.
+in ``POETOptimizer._step_run``. The rewrite is prepared (its work tensors allocated) before the weight's commit and
+runs inside it without allocating, so an exception never leaves the weight advanced without its state.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Any, Hashable, NamedTuple
 import torch
 
 from ..geometry import rotation_inverse, skew_norm_bound
+from ..geometry.blocks import rotate_cols_, rotate_rows_, rotation_buffers
 from ..geometry.cayley import cayley_neumann_with_bound
 from ..geometry.dispatch import REFERENCES, call, kernel_for
 from .batching import ByKey
@@ -93,13 +94,43 @@ def block_grads(works: list[Work], batch: ByKey) -> dict[Hashable, torch.Tensor]
     return batch.cat(raw)
 
 
-def rewrite(w: Work, mats: list[torch.Tensor], store_base: bool) -> torch.Tensor:
-    """The new weight, out of place (the step commits it into the weight afterwards, together with the state):
-    R W0 P (paper mode; ``mats`` the new rotations, row blocks first) or the incremental update of W (lean
-    mode; ``mats`` the deltas), in the factor dtype."""
+def rewrite(w: Work, mats: list[torch.Tensor], store_base: bool, keep: bool):
+    """The new weight, as (write, kept): ``write()`` puts it into the weight and allocates nothing (the step calls
+    it inside the weight's commit); ``kept`` is the new weight in the factor dtype when ``keep`` (a merge follows:
+    the new W0), else None. It is R W0 P (paper mode; ``mats`` the new rotations, row blocks first) or the
+    incremental update of W (lean mode; ``mats`` the deltas).
+
+    On the reference path, with the weight in the factor dtype, the rotations run in place on the weight with
+    their work tensors allocated here (``rotation_buffers``): no copy of W is made. Otherwise (a kernel, or a
+    bf16 weight with fp32 factors) the new weight is computed out of place and copied in."""
+    target = to_local(w.p)
     nrow = len(w.rows)
-    base = to_local(w.st["w0"]) if store_base else to_local(w.p).detach().to(w.fdtype)
-    return apply_blocks(base, w.rows, mats[:nrow], w.cols, mats[nrow:])
+    in_place = target.dtype == w.fdtype and all(
+        kernel_for(name, target) is REFERENCES[name] for name in ("rotate_rows", "rotate_cols"))
+    if not in_place:
+        base = to_local(w.st["w0"]) if store_base else target.detach().to(w.fdtype)
+        new = apply_blocks(base, w.rows, mats[:nrow], w.cols, mats[nrow:])
+        return functools.partial(target.copy_, new), (new if keep else None)
+    x = target.detach()
+    row_bufs = [rotation_buffers(x, idx, True) for idx in w.rows]
+    col_bufs = [rotation_buffers(x, idx, False) for idx in w.cols]
+    kept = torch.empty_like(x) if keep else None
+    src = to_local(w.st["w0"]) if store_base else None
+    covered = sum(idx.numel() for idx in w.rows) == x.shape[0]
+
+    def write() -> None:
+        first = src
+        if src is not None and not covered:  # rows no block writes keep W0's values
+            x.copy_(src)
+            first = None
+        for idx, d, buf in zip(w.rows, mats[:nrow], row_bufs):
+            rotate_rows_(x, idx, d, first, buf)
+        for idx, e, buf in zip(w.cols, mats[nrow:], col_bufs):
+            rotate_cols_(x, idx, e, buf)
+        if kept is not None:
+            kept.copy_(x)
+
+    return write, kept
 
 
 def generator_grads(works: list[Work], batch: ByKey, terms: int | None):
