@@ -58,6 +58,27 @@ def run(name, problem, steps, **over):
     return opt, losses
 
 
+def lockstep(pairs, steps):
+    """Train each (problem, optimizer) pair the same number of steps, one step each in turn."""
+    for _ in range(steps):
+        for problem, opt in pairs:
+            opt.zero_grad()
+            problem.loss().backward()
+            opt.step()
+
+
+def refused(problem, opt, exc, pattern):
+    """``opt.step()`` raises ``exc`` (message matching ``pattern``) and changes no weight and no state."""
+    import pytest
+
+    opt.zero_grad()
+    problem.loss().backward()
+    weights, state = [p.detach().clone() for p in problem.params()], flat_state(opt)
+    with pytest.raises(exc, match=pattern):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(weights, problem.params())) and same(state, flat_state(opt))
+
+
 def flat_state(opt):
     """Every value of the optimizer's state, in parameter order, as comparable leaves."""
     out = []
