@@ -297,3 +297,23 @@ def test_tiny_shapes(name):
         opt.step()
     assert all(torch.isfinite(p).all() for p in params)
     assert all(cfg.factor_key in opt.state[p] for p in params)
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_the_state_a_step_makes_fits_its_declared_layout(name):
+    """The layout ``load_state_dict`` checks against is the one the optimizer creates, merges and resets."""
+    from geomopt.optim import state as layout
+
+    problem = Problem()
+    opt = build(name, problem)
+    for steps in (1, 8):  # fresh, then across merges / resets
+        for _ in range(steps):
+            opt.zero_grad()
+            problem.loss().backward()
+            opt.step()
+        for group in opt.param_groups:
+            for p in group["params"]:
+                st = opt.state[p]
+                spec = opt._declared_layout(p, group, st) if p.dim() == 2 else layout.adamw_layout(tuple(p.shape))
+                layout.check(spec, st, name)
+                assert set(st) <= set(spec), sorted(set(st) - set(spec))  # nothing undeclared

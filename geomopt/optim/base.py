@@ -353,6 +353,11 @@ class FactorOptimizer(Optimizer):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ state
+    def _declared_layout(self, p: torch.Tensor, group: dict[str, Any], st: dict[str, Any]) -> dict[str, Any]:
+        """The method's layout of factorized ``p``'s state, with the counters the base keeps in it."""
+        return {**self._state_layout(p, group, st), "rebases": layout.Optional(layout.Count()),
+                "rebuilds": layout.Optional(layout.Count())}
+
     def _own_settings(self) -> list[str]:
         generic = {"lr", "betas", "eps", "weight_decay", "factorize", "maximize", "foreach", "fused", "capturable",
                    "differentiable"}
@@ -393,7 +398,7 @@ class FactorOptimizer(Optimizer):
                     raise ValueError(f"state of parameter {sid} must be a dict, got {type(st).__name__}")
                 where = f"{name} state of a {tuple(p.shape)} weight (parameter {sid})"
                 if st and is_factorized(p, merged):
-                    layout.check(self._state_layout(p, merged, st), st, where)
+                    layout.check(self._declared_layout(p, merged, st), st, where)
                 elif st:
                     layout.check(layout.adamw_layout(tuple(p.shape)), st, where.replace(name, "AdamW"))
                 pairs.append((sid, p, merged))
