@@ -1,0 +1,195 @@
+"""What one optimizer step costs, in the three numbers that predict it on a GPU, measured on any machine.
+
+    python benchmarks/step_cost.py --preset 60m                     # every optimizer, a plain and a merge step
+    python benchmarks/step_cost.py --preset small --optimizers adamw-fused,poet --out bench-out/step-cost
+
+The metric (``StepCost``, a ``TorchDispatchMode`` around ``optimizer.step()``):
+
+- ops: every aten op dispatched during the step (on a GPU each is a kernel launch, or host work between them);
+- bytes: for every op that is not a view, the bytes of the distinct tensors it reads or writes, each tensor
+  counted once per op (an in-place operand, read and written, counts once; two views of one tensor are two
+  tensors when their offsets, shapes or strides differ), as ``numel * element_size`` of the view: on a GPU, the
+  memory traffic if nothing stayed in cache. Printed as a multiple of the parameters' bytes and as a ratio to
+  torch's fused AdamW;
+- host syncs: ops that wait for a value on the host (``_local_scalar_dense``: ``.item()``, ``float()``,
+  ``bool()``; ``nonzero``, ``equal``, ``is_nonzero``) and ``Tensor.tolist()`` calls (a device-to-host copy on a
+  GPU);
+- wall: the step's time on this machine, measured on a second copy of the optimizer outside the meter.
+
+Each optimizer is built on the preset's model (``geomopt-bench``'s presets and constructors), takes two warm-up
+steps (its state exists), then one plain step and one step that merges (POET) or resets (ReLoRA) are measured;
+``--cycle`` sets the merge / reset interval so that the second measured step is a cycle's last. The gradients
+come from real batches of the embedded corpus. JSON (``step_cost.json``) and Markdown (``step_cost.md``) go to
+``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+from collections import Counter
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from geomopt import bench
+from geomopt.data import load_corpus, sample_batch
+
+_A = torch.ops.aten
+SYNC_OPS = {_A._local_scalar_dense.default, _A.nonzero.default, _A.equal.default, _A.is_nonzero.default,
+            _A.item.default}
+
+ADAMW = {  # torch's AdamW, the baselines: fused is the strongest a user has
+    "adamw-fused": dict(fused=True),
+    "adamw-foreach": dict(foreach=True),
+    "adamw-loop": dict(foreach=False),
+}
+DEFAULT = "adamw-fused,adamw-foreach,adamw-loop,poet,poet-lean,relora,dlra"
+
+
+class StepCost(TorchDispatchMode):
+    """Counts ops, bytes and host syncs of everything dispatched inside it (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.bytes = 0
+        self.syncs = 0
+        self.by_op: Counter = Counter()
+
+    def __enter__(self):
+        self._tolist = torch.Tensor.tolist
+        meter = self
+
+        def tolist(t, *a, **k):
+            meter.syncs += 1
+            meter.by_op["Tensor.tolist"] += 1
+            return meter._tolist(t, *a, **k)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.ops += 1
+        self.by_op[str(func.overloadpacket.__name__)] += 1
+        if func in SYNC_OPS:
+            self.syncs += 1
+        if not func.is_view:
+            seen: dict[tuple, int] = {}
+            for t in tree_flatten((args, kwargs, out))[0]:
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+                           t.dtype)
+                    seen[key] = t.numel() * t.element_size()
+            self.bytes += sum(seen.values())
+        return out
+
+
+def _make(name: str, args: argparse.Namespace) -> Callable[[torch.nn.Module], torch.optim.Optimizer]:
+    if name in ADAMW:
+        return lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01, **ADAMW[name])
+    if name not in bench.OPTIMIZERS:
+        known = sorted(ADAMW) + sorted(bench.OPTIMIZERS)
+        raise SystemExit(f"--optimizers: unknown optimizer {name!r} (choose from {known})")
+    make, lr = bench.OPTIMIZERS[name]
+    return lambda m: make(m, lr, args)
+
+
+def _grads(model: torch.nn.Module, train: torch.Tensor, args: argparse.Namespace, gen: torch.Generator) -> None:
+    model.zero_grad(set_to_none=True)
+    bench.next_token_loss(model, sample_batch(train, args.batch, args.seq_len, gen).to(args.device)).backward()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(name: str, args: argparse.Namespace, train: torch.Tensor, cycle: int) -> dict[str, Any]:
+    """The plain step and the cycle's last step of one optimizer: {kind: {ops, bytes, syncs, wall_ms}}."""
+    model = bench.build_model(args).to(args.device)
+    opt = _make(name, args)(model)
+    gen = torch.Generator().manual_seed(args.seed)
+    out: dict[str, Any] = {"param_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+    for step in range(1, cycle + 1):  # the last step merges / resets: step `cycle` of the first cycle
+        _grads(model, train, args, gen)
+        kind = "plain" if step == cycle - 1 else "merge" if step == cycle else None
+        if kind is None:
+            opt.step()
+            continue
+        twin_model, twin = copy.deepcopy((model, opt))
+        for p, q in zip(model.parameters(), twin_model.parameters()):
+            q.grad = None if p.grad is None else p.grad.clone()
+        meter = StepCost()
+        with meter:
+            twin.step()
+        _sync(args.device)
+        t0 = time.perf_counter()
+        opt.step()
+        _sync(args.device)
+        out[kind] = dict(ops=meter.ops, bytes=meter.bytes, syncs=meter.syncs,
+                         wall_ms=1000 * (time.perf_counter() - t0), top_ops=meter.by_op.most_common(8))
+    return out
+
+
+def table(results: dict[str, dict[str, Any]], baseline: str = "adamw-fused") -> str:
+    base = results.get(baseline)
+    head = ("| optimizer | step | ops | bytes / parameter bytes | bytes vs fused AdamW | host syncs | wall ms |\n"
+            "| --- | --- | --- | --- | --- | --- | --- |")
+    rows = [head]
+    for name, res in results.items():
+        for kind in ("plain", "merge"):
+            r = res[kind]
+            ratio = r["bytes"] / res["param_bytes"]
+            vs = f"{r['bytes'] / base[kind]['bytes']:.2f}x" if base else "-"
+            rows.append(f"| {name} | {kind} | {r['ops']} | {ratio:.1f} | {vs} | {r['syncs']} | {r['wall_ms']:.1f} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="small", choices=sorted(bench.PRESETS))
+    p.add_argument("--optimizers", default=DEFAULT, help="comma-separated (default: %(default)s)")
+    p.add_argument("--cycle", type=int, default=4, help="merge / reset interval of POET and ReLoRA (>= 3)")
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+    p.add_argument("--batch", type=int, default=None, help="override the preset's batch (gradients only)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="folder for step_cost.json and step_cost.md")
+    a = p.parse_args(argv)
+    if a.cycle < 3:
+        raise SystemExit(f"--cycle must be >= 3 (two warm-up steps, then a plain step), got {a.cycle}")
+    extra = ["--layers", str(a.layers)] if a.layers else []
+    extra += ["--batch", str(a.batch)] if a.batch else []
+    args = bench.parse_args(["--preset", a.preset, "--block-size", str(a.block_size), "--rank", str(a.rank),
+                             "--merge-every", str(a.cycle), "--reset-every", str(a.cycle), "--device", a.device,
+                             *extra])
+    train, _ = load_corpus(2_000_000)
+    results = {name: measure(name, args, train, a.cycle) for name in a.optimizers.split(",")}
+    info = dict(preset=a.preset, layers=args.layers, cycle=a.cycle, block_size=a.block_size, rank=a.rank,
+                device=a.device, torch=torch.__version__, machine=platform.machine(), threads=torch.get_num_threads())
+    text = table(results)
+    print(f"step cost, preset {a.preset} ({args.layers} layers), {a.device}, torch {torch.__version__}\n\n{text}")
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "step_cost.json"), "w") as f:
+            json.dump(dict(info=info, results=results), f, indent=1)
+        with open(os.path.join(a.out, "step_cost.md"), "w") as f:
+            f.write(text + "\n")
+    return dict(info=info, results=results)
+
+
+if __name__ == "__main__":
+    main()
