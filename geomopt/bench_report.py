@@ -57,7 +57,7 @@ def peak_key(row: dict[str, Any]) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """The Markdown table of the rows; ratios are to the adamw row when there is one."""
+    """The Markdown table of the rows; ratios are to the adamw row (torch's fused AdamW) when there is one."""
     base = next((r for r in rows if r["optimizer"] == "adamw"), None)
 
     def ratio(r, key):
