@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from geomopt.geometry import blocks as ref
+from geomopt.geometry import dispatch
 from geomopt.geometry.dispatch import REFERENCES, kernel_for
 
 triton = pytest.importorskip("triton")
@@ -87,7 +88,8 @@ def test_registered_kernels_are_used_for_cuda_tensors_only(monkeypatch):
     fake64 = cpu.double().as_subclass(FakeCuda)
     from geomopt.kernels import cayley, retract
 
-    names = set(REFERENCES) - {"cayley_exact"}  # the exact Cayley map (a batched solve) has no kernel
+    # no kernel: the exact Cayley map (a batched solve), and what only the references can do (dispatch.can)
+    names = set(REFERENCES) - {"cayley_exact", "rotate_rows_", "rotate_cols_", "cayley_neumann_with_bound"}
     registered = {name: getattr(mod, name) for mod in (ops, cayley, retract) for name in mod.__all__}
     assert set(registered) == names
     assert all(kernel_for(name, fake) is REFERENCES[name] for name in names)  # opt-in: off by default
@@ -96,5 +98,8 @@ def test_registered_kernels_are_used_for_cuda_tensors_only(monkeypatch):
         assert kernel_for(name, cpu) is REFERENCES[name]
         assert kernel_for(name, fake) is registered[name]
         assert kernel_for(name, fake64) is REFERENCES[name]  # float64 stays on the reference
+    assert dispatch.can("rotate_rows", cpu, "in_place") and not dispatch.can("rotate_rows", fake, "in_place")
+    assert dispatch.can("cayley_neumann", cpu, "with_bound")
+    assert not dispatch.can("cayley_neumann", fake, "with_bound")
     monkeypatch.setenv("GEOMOPT_KERNELS", "0")
     assert all(kernel_for(name, fake) is REFERENCES[name] for name in names)

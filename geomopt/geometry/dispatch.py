@@ -2,7 +2,11 @@
 
 ``call(name, *args)`` runs the kernel registered under ``name`` when its first tensor argument is a
 CUDA tensor of fp32/bf16/fp16 and triton is importable; otherwise the torch reference in
-``geomopt.geometry``. Kernels are opt-in (``GEOMOPT_KERNELS=1``): they match the references (under Triton's
+``geomopt.geometry``. Each implementation declares what it can do beyond its signature (``can``): the
+references of ``rotate_rows`` / ``rotate_cols`` also rotate in place, allocation-free (``"in_place"``, through
+``rotate_rows_`` / ``rotate_cols_``), and that of ``cayley_neumann`` also returns the safeguard's bound from
+the same products (``"with_bound"``, through ``cayley_neumann_with_bound``). Callers ask ``can``; they never
+compare implementations. Kernels are opt-in (``GEOMOPT_KERNELS=1``): they match the references (under Triton's
 interpreter in CI, and compiled on an H100), but on the H100 most of them are slower than the torch
 references (BENCHMARKS.md, "Kernels and GPU"), so the references stay the default. Kernels
 register themselves from ``geomopt.kernels`` (loaded on the first CUDA call). The package imports and
@@ -17,11 +21,11 @@ from typing import Callable
 
 import torch
 
-from .blocks import col_block_grad, rotate_cols, rotate_rows, row_block_grad
-from .cayley import cayley_exact, cayley_neumann
+from .blocks import col_block_grad, rotate_cols, rotate_cols_, rotate_rows, rotate_rows_, row_block_grad
+from .cayley import cayley_exact, cayley_neumann, cayley_neumann_with_bound
 from .qr import tall_qr
 
-__all__ = ["REFERENCES", "register_kernel", "kernel_for", "call"]
+__all__ = ["REFERENCES", "register_kernel", "kernel_for", "call", "can"]
 
 REFERENCES: dict[str, Callable] = {
     "cayley_neumann": cayley_neumann,
@@ -31,16 +35,27 @@ REFERENCES: dict[str, Callable] = {
     "row_block_grad": row_block_grad,
     "col_block_grad": col_block_grad,
     "tall_qr": tall_qr,
+    # what the references can do besides: the in-place rotations (on a tensor the caller owns, with work tensors
+    # from ``blocks.rotation_buffers``) and the map with its bound
+    "rotate_rows_": rotate_rows_,
+    "rotate_cols_": rotate_cols_,
+    "cayley_neumann_with_bound": cayley_neumann_with_bound,
 }
+_REFERENCE_CAN: dict[str, frozenset[str]] = {"rotate_rows": frozenset({"in_place"}),
+                                             "rotate_cols": frozenset({"in_place"}),
+                                             "cayley_neumann": frozenset({"with_bound"})}
 _KERNELS: dict[str, Callable] = {}
+_KERNEL_CAN: dict[str, frozenset[str]] = {}
 _loaded = False
 
 
-def register_kernel(name: str, fn: Callable) -> None:
-    """Register a kernel with exactly the signature of ``REFERENCES[name]``."""
+def register_kernel(name: str, fn: Callable, can: tuple[str, ...] = ()) -> None:
+    """Register a kernel with exactly the signature of ``REFERENCES[name]``; ``can`` declares what it can do
+    besides (see the module docstring; a kernel that declares ``"in_place"`` registers ``name + "_"`` too)."""
     if name not in REFERENCES:
         raise ValueError(f"name must be one of {sorted(REFERENCES)}, got {name!r}")
     _KERNELS[name] = fn
+    _KERNEL_CAN[name] = frozenset(can)
 
 
 def _load_kernels() -> None:
@@ -76,6 +91,12 @@ def kernel_for(name: str, x: torch.Tensor) -> Callable:
         if fn is not None:
             return fn
     return REFERENCES[name]
+
+
+def can(name: str, x: torch.Tensor, capability: str) -> bool:
+    """Whether the implementation that ``call(name, x, ...)`` would run declares ``capability``."""
+    kernel = kernel_for(name, x) is not REFERENCES[name]
+    return capability in (_KERNEL_CAN.get(name, frozenset()) if kernel else _REFERENCE_CAN.get(name, frozenset()))
 
 
 def call(name: str, x: torch.Tensor, *args, **kwargs):

@@ -17,9 +17,8 @@ from typing import Any, Hashable, NamedTuple
 import torch
 
 from ..geometry import rotation_inverse, skew_norm_bound
-from ..geometry.blocks import rotate_cols_, rotate_rows_, rotation_buffers
-from ..geometry.cayley import cayley_neumann_with_bound
-from ..geometry.dispatch import REFERENCES, call, kernel_for
+from ..geometry.blocks import rotation_buffers
+from ..geometry.dispatch import call, can
 from .batching import ByKey
 from .sharded import all_reduce, like, reduce_over_meshes, shard_state, to_local
 
@@ -51,10 +50,10 @@ def rotation(q: torch.Tensor, b: int, terms: int | None) -> torch.Tensor:
 
 
 def rotation_and_bound(q: torch.Tensor, b: int, terms: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cayley-Neumann blocks of ``q`` and ``skew_norm_bound`` of each: on the reference path with shared products
-    (``cayley_neumann_with_bound``), beside a kernel separately."""
-    if kernel_for("cayley_neumann", q) is REFERENCES["cayley_neumann"]:
-        return cayley_neumann_with_bound(q, b, terms)
+    """Cayley-Neumann blocks of ``q`` and ``skew_norm_bound`` of each: from shared products where the map's
+    implementation can (``"with_bound"``), else separately."""
+    if can("cayley_neumann", q, "with_bound"):
+        return call("cayley_neumann_with_bound", q, b, terms)
     return call("cayley_neumann", q, b, terms), skew_norm_bound(q, b)
 
 
@@ -105,8 +104,8 @@ def rewrite(w: Work, mats: list[torch.Tensor], store_base: bool, keep: bool):
     bf16 weight with fp32 factors) the new weight is computed out of place and copied in."""
     target = to_local(w.p)
     nrow = len(w.rows)
-    in_place = target.dtype == w.fdtype and all(
-        kernel_for(name, target) is REFERENCES[name] for name in ("rotate_rows", "rotate_cols"))
+    in_place = target.dtype == w.fdtype and can("rotate_rows", target, "in_place") and can("rotate_cols", target,
+                                                                                          "in_place")
     if not in_place:
         base = to_local(w.st["w0"]) if store_base else target.detach().to(w.fdtype)
         new = apply_blocks(base, w.rows, mats[:nrow], w.cols, mats[nrow:])
@@ -124,9 +123,9 @@ def rewrite(w: Work, mats: list[torch.Tensor], store_base: bool, keep: bool):
             x.copy_(src)
             first = None
         for idx, d, buf in zip(w.rows, mats[:nrow], row_bufs):
-            rotate_rows_(x, idx, d, first, buf)
+            call("rotate_rows_", x, idx, d, first, buf)
         for idx, e, buf in zip(w.cols, mats[nrow:], col_bufs):
-            rotate_cols_(x, idx, e, buf)
+            call("rotate_cols_", x, idx, e, buf)
         if kept is not None:
             kept.copy_(x)
 
