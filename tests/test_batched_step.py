@@ -186,3 +186,42 @@ def test_finite_flags_flag_exactly_the_non_finite():
     ts[0][1, 1], ts[1][0], ts[3][2] = float("nan"), float("inf"), -float("inf")
     assert finite_flags(ts).tolist() == [False, False, True, False, True]
     assert finite_flags([]).numel() == 0
+
+
+@pytest.mark.parametrize("terms", [1, 2, 4, 5])
+@pytest.mark.parametrize("c", [0.05, 0.5])
+def test_newton_schulz_with_the_bounds_iterations_equals_lu(terms, c):
+    """The safeguard bounds ||Q||_2 <= c, hence ||I - D D^T|| <= 2 c^(k+1) + c^(2k+2) (odd k) or c^(2k+2) (even k);
+    that many iterations (no host read) reach the inverse."""
+    from geomopt.geometry.cayley import newton_schulz_inverse, newton_schulz_iterations
+
+    q = rand_q(64, 16, seed=terms, scale=1.0)
+    q = q * (c / skew_norm_bound(q, 16)).unsqueeze(-1)  # the bound at its limit for every block
+    d = cayley_neumann(q, 16, terms)
+    residual = 2 * c ** (terms + 1) + c ** (2 * terms + 2) if terms % 2 else c ** (2 * terms + 2)
+    x, ok = newton_schulz_inverse(d, newton_schulz_iterations(residual, f64))
+    assert bool(ok) and (x - torch.linalg.inv(d)).abs().max() < 1e-13
+    x, ok = newton_schulz_inverse(d + 0.5 * torch.eye(16, dtype=f64), 2)  # far from orthogonal: flagged
+    assert not bool(ok)
+
+
+def test_a_generator_beyond_the_recorded_bound_reruns_the_step_with_converged_inverses(float64):
+    """A state whose bound does not hold (here: set to 0 after the generators moved) is caught by the device flag
+    read with the safeguard's bounds, and the step is computed again, before anything is committed."""
+    def run(corrupt):
+        layers, scale = make_chain(SHAPES, 0)
+        params = [(f"layers.{i}.weight", layer.weight) for i, layer in enumerate(layers)] + [("scale", scale)]
+        opt = geomopt.POET(params, lr=0.2, block_size=8, merge_every=50, max_q_norm=5.0)
+        g = torch.Generator().manual_seed(1)
+        for step in range(4):
+            x, y = torch.randn(32, SHAPES[0][1], generator=g), torch.randn(32, SHAPES[-1][0], generator=g)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(chain_forward([layer.weight for layer in layers], scale, x), y).backward()
+            if corrupt and step == 3:
+                for layer in layers:
+                    opt.state[layer.weight]["q_bound"] = 0.0  # says: no iterations needed
+            opt.step()
+        return [layer.weight.detach().clone() for layer in layers]
+
+    for a, b in zip(run(False), run(True)):
+        assert rel_err(a, b) < 1e-12

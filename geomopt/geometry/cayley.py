@@ -5,13 +5,15 @@ to fused kernels with the same signature.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.autograd.function import once_differentiable
 
 from .skew import _triu_flat_pair, bound_from_powers, skew_norm_bound, unpack_skew
 
 __all__ = ["cayley_exact", "cayley_neumann", "cayley_neumann_horner", "cayley_neumann_with_bound", "cayley",
-           "rotation_inverse"]
+           "rotation_inverse", "newton_schulz_inverse", "newton_schulz_iterations"]
 
 
 def _eye(b: int, like: torch.Tensor) -> torch.Tensor:
@@ -160,8 +162,9 @@ def rotation_inverse(d: torch.Tensor, max_iters: int = 12) -> torch.Tensor:
     The residual :math:`I - D X_j` squares every iteration, and it starts at :math:`I - D D^\top`, which is
     O(||Q||^(k+1)) for the Cayley-Neumann map (rounding for the exact map): one or two iterations of two
     batched products reach the inverse to rounding, where an LU inverse of many small blocks costs far more.
-    Iterates until the largest residual entry, squared, is below the dtype's epsilon; a batch that does not
-    converge in ``max_iters`` (a block far from orthogonal) is inverted by ``torch.linalg.inv``.
+    Iterates until the largest residual entry, squared, is below the dtype's epsilon (a host read per
+    iteration); a batch that does not converge in ``max_iters`` (a block far from orthogonal) is inverted by
+    ``torch.linalg.inv``. ``newton_schulz_inverse`` runs a fixed number of iterations with no host read.
     """
     if d.shape[-1] == 0 or d.numel() == 0:
         return d.clone()
@@ -179,3 +182,32 @@ def rotation_inverse(d: torch.Tensor, max_iters: int = 12) -> torch.Tensor:
         if worst * worst <= eps:
             return x
     return torch.linalg.inv(d)
+
+
+def newton_schulz_inverse(d: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rotation_inverse``'s iteration, ``iterations`` times and no host read (``newton_schulz_iterations`` of a
+    bound on the starting residual). Returns (X, converged): a 0-d device bool, whether the last residual,
+    squared (the residual X leaves), is within sqrt(eps), the entries of an inverse to rounding."""
+    if d.numel() == 0:
+        return d.clone(), torch.ones((), dtype=torch.bool, device=d.device)
+    flat = d.reshape(-1, *d.shape[-2:])
+    eye = _eye(d.shape[-1], d).expand_as(flat)
+    x = flat.transpose(-2, -1)
+    res = None
+    for _ in range(iterations):
+        res = torch.baddbmm(eye, flat, x, alpha=-1.0)
+        x = torch.baddbmm(x, x, res)
+    worst = res.abs().amax() if res is not None else (torch.baddbmm(eye, flat, x, alpha=-1.0)).abs().amax()
+    return x.view(d.shape), worst * worst <= math.sqrt(torch.finfo(d.dtype).eps)
+
+
+def newton_schulz_iterations(residual: float, dtype: torch.dtype) -> int | None:
+    """Iterations after which a Newton-Schulz inverse whose starting residual is at most ``residual`` has
+    reached ``dtype``'s rounding (the residual squares each time); None when ``residual`` is not below 1 (no
+    convergence guaranteed)."""
+    eps = torch.finfo(dtype).eps
+    if residual <= eps:
+        return 1
+    if not residual < 1.0:
+        return None
+    return max(1, math.ceil(math.log2(math.log(eps) / math.log(residual))))

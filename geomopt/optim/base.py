@@ -176,6 +176,8 @@ class FactorOptimizer(Optimizer):
         return loss
 
     def _plan(self) -> list[GroupPlan]:
+        """Every check of the step, nothing changed: host checks first, then one read of device values (the
+        gradients' non-finite flags and the fingerprints of the weights a method rewrites), then the decisions."""
         name = type(self).__name__
         staged, first = [], 0
         for group in self.param_groups:
@@ -184,27 +186,52 @@ class FactorOptimizer(Optimizer):
             params = [p for p in group["params"] if p.grad is not None and not self._retry.done(p)]
             for p in params:
                 check_grad(name, p)
-            staged.append((group, first, params))
+            lr = lr_value(group["lr"])
+            init_only = lr == 0 and all(global_all([~to_local(p.grad).any() for p in params], params))
+            staged.append((group, first, params, lr, init_only, *self._settings_plan(group, params)))
             first += len(group["params"])
-        flat = [p for _, _, ps in staged for p in ps]
-        finite = global_all(finite_flags([to_local(p.grad) for p in flat]), flat)
+        flat = [p for s in staged for p in s[2]]
+        watched = [p for s in staged if not s[4] for p in s[7]]
+        finite, same = self._read_flags(flat, watched)
         if self.nonfinite == "raise" and not all(finite):
             bad = [p for p, ok in zip(flat, finite) if not ok]
             raise FloatingPointError(f"non-finite gradient in {len(bad)} parameter(s) (first of shape "
                                      f"{tuple(bad[0].shape)}); nothing was updated")
         ok = {id(p) for p, fine in zip(flat, finite) if fine}
+        edited = {id(p) for p, kept in zip(watched, same) if not kept and id(p) in ok}
+        if edited and self.external_edits == "raise":
+            p = next(p for p in watched if id(p) in edited)
+            raise RuntimeError(f"a weight of shape {tuple(p.shape)} ({len(edited)} in all) was changed outside "
+                               f"{name} since its last step; nothing was updated (pass external_edits='rebase' to "
+                               "rebuild its factors on the weight as it is)")
         plans = []
-        for group, first, params in staged:
+        for group, first, params, lr, init_only, switch, rebuild, _ in staged:
             kept = [p for p in params if id(p) in ok]
-            lr = lr_value(group["lr"])
-            init_only = lr == 0 and all(global_all([~to_local(p.grad).any() for p in kept], kept))
-            plans.append(GroupPlan(group, first, kept, lr, init_only, *self._plan_state(group, kept, init_only),
+            rebase = [p for p in kept if id(p) in edited]
+            plans.append(GroupPlan(group, first, kept, lr, init_only, [p for p in switch if id(p) in ok],
+                                   [p for p in rebuild if id(p) in ok and id(p) not in edited], rebase,
                                    len(params) - len(kept)))
         return plans
 
-    def _plan_state(self, group: dict[str, Any], params: list[torch.Tensor], init_only: bool):
-        """(switch, rebuild, rebase) of a group's stepped parameters; raises for a settings change that cannot
-        be applied and, with ``external_edits="raise"``, for an edited weight."""
+    def _read_flags(self, flat: list[torch.Tensor], watched: list[torch.Tensor]) -> tuple[list[bool], list[bool]]:
+        """(whether each gradient of ``flat`` is finite, whether each ``watched`` weight is as the optimizer
+        wrote it): computed on the device and read in one host sync (one all-reduce under FSDP2)."""
+        fine = finite_flags([to_local(p.grad) for p in flat])
+        known, same = self._edits.same_flags(watched)
+        if not flat and not known:
+            return [], [True] * len(watched)
+        parts = [t for t in (fine, same) if t.numel()]
+        device = parts[0].device
+        read = global_all(torch.cat([t.to(device) for t in parts]), flat + [watched[i] for i in known])
+        out = [True] * len(watched)
+        for i, kept in zip(known, read[len(flat):]):
+            out[i] = kept
+        return read[: len(flat)], out
+
+    def _settings_plan(self, group: dict[str, Any], params: list[torch.Tensor]):
+        """(switch, rebuild, watched) of a group's stepped parameters, from host values only: state of the other
+        route, settings changed since the factors were built (raises for one that cannot change), and the
+        weights whose fingerprints the step must check (the method rewrites them from its factors)."""
         switch, rebuild, watched = [], [], []
         now = self._settings(group)
         for p in params:
@@ -226,14 +253,7 @@ class FactorOptimizer(Optimizer):
                     rebuild.append(p)
                 if self._overwrites(group):
                     watched.append(p)
-        rebase = []
-        if watched and not init_only:
-            rebase = [p for p, c in zip(watched, self._edits.changed(watched)) if c]
-        if rebase and self.external_edits == "raise":
-            raise RuntimeError(f"a weight of shape {tuple(rebase[0].shape)} ({len(rebase)} in all) was changed "
-                               f"outside {type(self).__name__} since its last step; nothing was updated (pass "
-                               "external_edits='rebase' to rebuild its factors on the weight as it is)")
-        return switch, [p for p in rebuild if all(p is not q for q in rebase)], rebase
+        return switch, rebuild, watched
 
     def _apply_group(self, gp: GroupPlan) -> None:
         group, params = gp.group, gp.params

@@ -114,23 +114,25 @@ def check_rank(group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
 
 
 def finite_flags(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """1-D bool tensor: whether ``tensors[i]`` holds no NaN or Inf.
+    """1-D bool tensor on the tensors' device: whether ``tensors[i]`` holds no NaN or Inf. Nothing is read on
+    the host.
 
-    One ``torch._foreach_norm`` (fp32 2-norms) instead of an ``isfinite().all()`` per tensor: a NaN or Inf
-    entry always makes the norm non-finite, and a norm that overflows from finite entries is re-checked
-    entry by entry, so the flags are exact."""
+    One ``torch._foreach_norm`` per dtype instead of an ``isfinite().all()`` per tensor: a NaN or Inf entry always
+    makes the 2-norm non-finite, and the norms of fp32 and narrower tensors are accumulated in fp64, where finite
+    entries cannot overflow them, so the flags are exact. fp64 tensors, whose norm could overflow from finite
+    entries, are checked entry by entry."""
     if not tensors:
         return torch.zeros(0, dtype=torch.bool)
+    device = tensors[0].device
     norms: list[Any] = [None] * len(tensors)
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i, t in enumerate(tensors):
         by_dtype.setdefault(t.dtype, []).append(i)
-    for dtype, ix in by_dtype.items():  # half-precision norms in fp32, so they do not overflow at 65504
-        wide = torch.promote_types(dtype, torch.float32)
-        for i, n in zip(ix, torch._foreach_norm([tensors[i] for i in ix], 2, dtype=wide)):
+    for dtype, ix in by_dtype.items():
+        if dtype == torch.float64:  # a 0 for a finite tensor, NaN otherwise
+            for i in ix:
+                norms[i] = torch.where(torch.isfinite(tensors[i]).all(), 0.0, float("nan"))
+            continue
+        for i, n in zip(ix, torch._foreach_norm([tensors[i] for i in ix], 2, dtype=torch.float64)):
             norms[i] = n
-    ok = torch.stack([n.to(norms[0].device) for n in norms]).isfinite()
-    if not bool(ok.all()):
-        for i in (~ok).nonzero().flatten().tolist():
-            ok[i] = torch.isfinite(tensors[i]).all()
-    return ok
+    return torch.stack([n.to(device) for n in norms]).isfinite()

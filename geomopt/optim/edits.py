@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .sharded import global_all, to_local
+from .sharded import to_local
 
 __all__ = ["Fingerprints"]
 
@@ -52,19 +52,14 @@ class Fingerprints:
         bits = {8: torch.int64, 4: torch.int32, 2: torch.int16}[now.element_size()]
         return (now.view(bits) == then.view(bits)).all()
 
-    def changed(self, params: list[torch.Tensor]) -> list[bool]:
-        """Per weight: whether it differs from what the optimizer last wrote (False when it has no record). One
-        host sync for all of them (and one all-reduce over the mesh for DTensors)."""
-        known = [(i, p) for i, p in enumerate(params)
-                 if (rec := self._seen.get(id(p))) is not None and rec[0]() is p]
-        out = [False] * len(params)
+    def same_flags(self, params: list[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
+        """(the positions in ``params`` of the weights with a record, a 1-D bool tensor on the device: whether each
+        of those is as the optimizer last wrote it). Nothing is read on the host."""
+        known = [i for i, p in enumerate(params) if (rec := self._seen.get(id(p))) is not None and rec[0]() is p]
         if not known:
-            return out
-        flags = [self._same(p) for _, p in known]
-        same = global_all(torch.stack([f.to(flags[0].device) for f in flags]), [p for _, p in known])
-        for (i, _), ok in zip(known, same):
-            out[i] = not ok
-        return out
+            return [], torch.zeros(0, dtype=torch.bool)
+        flags = [self._same(params[i]) for i in known]
+        return known, torch.stack([f.to(flags[0].device) for f in flags])
 
     def forget(self) -> None:
         self._seen.clear()

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ..geometry import block_layout, block_sizes, skew_size
+from ..geometry.cayley import newton_schulz_iterations
 from . import state as layout
 from .base import FactorOptimizer
 from .batching import ByKey, chunks
@@ -263,7 +264,7 @@ class POETOptimizer(FactorOptimizer):
         """Factors on the weight as it is: new permutations, zero skew factors with fresh inner state, W0 = p
         (paper mode); R = P = I, so nothing about the weight changes."""
         state.update(self._perms(p, state, group))
-        state.update(self._fresh_factors(p, group))
+        state.update(self._fresh_factors(p, group), q_bound=0.0)
         state.pop("w0", None)
         if group["store_base"]:
             w0 = to_local(p).detach().to(factor_dtype(p), copy=True)
@@ -280,7 +281,8 @@ class POETOptimizer(FactorOptimizer):
         keys = layout.ADAM_KEYS if isinstance(self._inner, AdamRule) else None
         out: dict[str, Any] = dict(perm_row=layout.Perm(m), perm_col=layout.Perm(n), rng=layout.RngState(),
                                    step=layout.Count(), since_merge=layout.Count(), merges=layout.Count(),
-                                   early_merges=layout.Count(), built_with=layout.Optional(layout.Settings()))
+                                   early_merges=layout.Count(), built_with=layout.Optional(layout.Settings()),
+                                   q_bound=layout.Optional(layout.Bound()))
         for side, dim in zip(_SIDES, p.shape):
             chunks = self._chunks(p, group) if side == "row" else 1
             shapes = [(nb, skew_size(b)) for nb, b in _sizes(dim, group, chunks)]
@@ -306,13 +308,17 @@ class POETOptimizer(FactorOptimizer):
         return Work(p, g, st, shard, rows, cols, [to_local(q) for q in st["q_row"]] + st["q_col"],
                     [local_state(s) for s in st["inner_row"]], factor_dtype(p))
 
-    def _step_run(self, group: dict[str, Any], works: list[Work], lr: float) -> None:
+    def _step_run(self, group: dict[str, Any], works: list[Work], lr: float, adaptive: bool = False) -> None:
         """One batched step of ``works``: new generators out of place, new rotations, then per weight the new
-        weight (out of place) and its new state, committed together."""
+        weight (out of place) and its new state, committed together. The block inverses run a fixed number of
+        Newton-Schulz iterations where the safeguard bounds their starting residual (no host read; whether they
+        converged is read with the safeguard's flags); ``adaptive`` (or no bound) iterates to convergence."""
         terms = None if group["exact_cayley"] else group["neumann_terms"]
         batch = ByKey([(side, idx.shape[1], q.dtype, q.device) for w in works
                        for (side, idx), q in zip(w.sides(), w.qs)], [q.shape[0] for w in works for q in w.qs])
-        old, inv, grads = generator_grads(works, batch, terms)
+        bound = max((w.st.get("q_bound", group["max_q_norm"] or 0.0) for w in works), default=0.0)
+        iterations = None if adaptive else self._inverse_iterations(group, works[0].fdtype, bound)
+        old, inv, grads, converged = generator_grads(works, batch, terms, iterations)
         inner = [s for w in works for s in w.inner_row + w.st["inner_col"]]
         new_qs, new_inner = self._inner.updated([q for w in works for q in w.qs], grads, inner, lr,
                                                 foreach=group["foreach"], fused=group["fused"])
@@ -321,7 +327,11 @@ class POETOptimizer(FactorOptimizer):
         if group["max_q_norm"] is not None and terms is not None:
             pairs = {k: rotation_and_bound(q, k[1], terms) for k, q in new_q.items()}
             mats = {k: r for k, (r, _) in pairs.items()}
-            flags = safeguard(group["max_q_norm"], works, batch, {k: bd for k, (_, bd) in pairs.items()})
+            bounds, inverted = safeguard(group["max_q_norm"], works, batch,
+                                         {k: bd for k, (_, bd) in pairs.items()}, converged)
+            if not inverted:  # a state from elsewhere broke the bound the iterations assumed: nothing is
+                return self._step_run(group, works, lr, adaptive=True)  # committed yet, so run again
+            flags = [bd > group["max_q_norm"] for bd in bounds]
         else:
             mats = {k: rotation(q, k[1], terms) for k, q in new_q.items()}
         if not group["store_base"]:  # D_new D_old^-1 = I + (D_new - D_old) D_old^-1: exactly I when Q did not move
@@ -330,7 +340,7 @@ class POETOptimizer(FactorOptimizer):
         olds, invs = (batch.split(old), batch.split(inv)) if any(flags) else ([], [])
         del old, inv
         pos = 0
-        for w, early in zip(works, flags):
+        for wi, (w, early) in enumerate(zip(works, flags)):  # wi: the weight's position in bounds
             idx = range(pos, pos + len(w.qs))
             pos += len(w.qs)
             mine, qs = [per[i] for i in idx], [new_qs[i] for i in idx]
@@ -341,10 +351,26 @@ class POETOptimizer(FactorOptimizer):
             updates = dict(step=w.st["step"] + 1, since_merge=w.st["since_merge"] + 1,
                            **new_factors(w, qs, [new_inner[i] for i in idx]))
             merge = early or updates["since_merge"] >= group["merge_every"]
+            if group["max_q_norm"] is not None and terms is not None:  # the next step's inverses start from it
+                updates["q_bound"] = bounds[wi]
             write, kept = rewrite(w, mine, group["store_base"], keep=merge and group["store_base"])
             if merge:
                 updates.update(self._merged(w.p, {**w.st, **updates}, group, kept, early))
             self._commit(w.p, write, updates)
+
+    @staticmethod
+    def _inverse_iterations(group: dict[str, Any], dtype: torch.dtype, c: float) -> int | None:
+        """Newton-Schulz iterations for the old blocks' inverses, from the bound on their orthogonality error:
+        exact Cayley blocks are orthogonal to rounding; a Cayley-Neumann block of a generator with ||Q||_2 <= c
+        (the bound the safeguard read last step, or max_q_norm) has ||I - D D^T|| <= 2 c^(k+1) + c^(2k+2) for odd
+        k, c^(2k+2) for even k (D D^T = (I - Q^(k+1))(I - (-Q)^(k+1))). None: no bound (``max_q_norm=None``)."""
+        if group["exact_cayley"]:
+            return newton_schulz_iterations(1e3 * torch.finfo(dtype).eps, dtype)
+        k = group["neumann_terms"]
+        if group["max_q_norm"] is None:
+            return None
+        residual = 2 * c ** (k + 1) + c ** (2 * k + 2) if k % 2 else c ** (2 * k + 2)
+        return newton_schulz_iterations(residual, dtype)
 
     def _merged(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], w_new: torch.Tensor | None,
                 early: bool) -> dict[str, Any]:
@@ -352,7 +378,7 @@ class POETOptimizer(FactorOptimizer):
         reset, new permutations, counters (``state`` is read, not changed)."""
         new = self._perms(p, state, group)
         new.update(self._fresh_factors(p, group), since_merge=0, merges=state["merges"] + 1,
-                   early_merges=state["early_merges"] + int(early))
+                   early_merges=state["early_merges"] + int(early), q_bound=0.0)
         if w_new is not None and group["store_base"]:
             shard = row_shard(p) if self._steps_shard(p, group) else None
             new["w0"] = w_new if shard is None else like(w_new, shard)

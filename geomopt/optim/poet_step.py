@@ -18,6 +18,7 @@ import torch
 
 from ..geometry import rotation_inverse, skew_norm_bound
 from ..geometry.blocks import rotation_buffers
+from ..geometry.cayley import newton_schulz_inverse
 from ..geometry.dispatch import call, can
 from .batching import ByKey
 from .sharded import all_reduce, like, reduce_over_meshes, shard_state, to_local
@@ -132,15 +133,25 @@ def rewrite(w: Work, mats: list[torch.Tensor], store_base: bool, keep: bool):
     return write, kept
 
 
-def generator_grads(works: list[Work], batch: ByKey, terms: int | None):
+def generator_grads(works: list[Work], batch: ByKey, terms: int | None, iterations: int | None = None):
     """Stages 1-2: block gradients from G and W, then through the map to the generators. Returns (old rotations,
-    their inverses, per key of ``batch``; the generators' gradients, per entry of ``batch``)."""
+    their inverses, per key of ``batch``; the generators' gradients, per entry of ``batch``; and, when the
+    inverses ran a fixed number of Newton-Schulz ``iterations`` (no host read), a 0-d device bool: whether they
+    converged; else None)."""
     qs = [q for w in works for q in w.qs]
     with torch.enable_grad():
         leaves = {k: t.detach().requires_grad_() for k, t in batch.cat(qs).items()}
         rots = {k: rotation(leaf, k[1], terms) for k, leaf in leaves.items()}
     old = {k: r.detach() for k, r in rots.items()}
-    inv = {k: rotation_inverse(r) for k, r in old.items()}
+    converged = None
+    if iterations is None:
+        inv = {k: rotation_inverse(r) for k, r in old.items()}
+    else:
+        pairs = {k: newton_schulz_inverse(r, iterations) for k, r in old.items()}
+        inv = {k: x for k, (x, _) in pairs.items()}
+        if pairs:
+            flags = [ok for _, ok in pairs.values()]
+            converged = torch.stack([f.to(flags[0].device) for f in flags]).all()
     # M = W0 P = R^-1 W and N = R W0 = W P^-1 hold in both modes, so the gradients are taken from
     # W itself (the lean formulas, with D^-T = D and E^-T = E for orthogonal blocks):
     # dL/dD_k = G[s_k] W[s_k]^T D_k^-T,  dL/dE_k = E_k^-T W[:, t_k]^T G[:, t_k]
@@ -159,14 +170,16 @@ def generator_grads(works: list[Work], batch: ByKey, terms: int | None):
             grads[pos + nrow: pos + len(w.qs)] = [c.view_as(x) for c, x in zip(flat.split([x.numel() for x in col]),
                                                                               col)]
         pos += len(w.qs)
-    return old, inv, grads
+    return old, inv, grads, converged
 
 
-def safeguard(limit: float, works: list[Work], batch: ByKey, block_bounds: dict) -> list:
-    """Per weight: whether the bound on the spectral norm of one of its updated generators (``block_bounds``:
-    per key of ``batch``, one per block) passes ``limit`` (the maximum over a sharded weight's ranks)."""
+def safeguard(limit: float, works: list[Work], batch: ByKey, block_bounds: dict,
+              converged: torch.Tensor | None = None) -> tuple[list[float], bool]:
+    """Per weight: the bound on the spectral norm of its updated generators (``block_bounds``: per key of
+    ``batch``, one per block; the maximum over a sharded weight's ranks), which the safeguard compares with
+    ``limit``; and ``converged`` (the inverses' device flag, or True), read in the same host sync."""
     if not block_bounds:
-        return [False] * len(works)
+        return [0.0] * len(works), True if converged is None else bool(converged)
     first = next(iter(block_bounds.values()))
     dtype = functools.reduce(torch.promote_types, [v.dtype for v in block_bounds.values()])
     bounds = torch.zeros(len(works), dtype=dtype, device=first.device)
@@ -176,7 +189,10 @@ def safeguard(limit: float, works: list[Work], batch: ByKey, block_bounds: dict)
     sharded = [w.p if w.shard is not None else None for w in works]
     if any(x is not None for x in sharded):  # a weight's row blocks are spread over its ranks
         bounds = reduce_over_meshes(bounds, sharded, torch.distributed.ReduceOp.MAX)
-    return (bounds > limit).tolist()
+    if converged is not None:
+        bounds = torch.cat([bounds, converged.reshape(1).to(bounds)])
+    read = bounds.tolist()
+    return read[: len(works)], converged is None or read[-1] == 1.0
 
 
 def new_factors(w: Work, qs: list[torch.Tensor], inner: list[dict[str, Any]]) -> dict[str, Any]:

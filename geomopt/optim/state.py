@@ -14,8 +14,8 @@ import torch
 
 from .sharded import is_dtensor, to_local
 
-__all__ = ["factor_dtype", "Spec", "Count", "Flag", "Seed", "Perm", "RngState", "Floats", "FloatsList", "Inner",
-           "InnerList", "Settings", "Optional", "Step", "check", "copy_state", "adamw_layout", "ADAM_KEYS"]
+__all__ = ["factor_dtype", "Spec", "Count", "Bound", "Flag", "Seed", "Perm", "RngState", "Floats", "FloatsList",
+           "Inner", "InnerList", "Settings", "Optional", "Step", "check", "copy_state", "adamw_layout", "ADAM_KEYS"]
 
 
 def factor_dtype(p: torch.Tensor) -> torch.dtype:
@@ -43,6 +43,14 @@ class Count(Spec):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             return "must be an int >= 0"
         return None
+
+
+class Bound(Spec):
+    """A float >= 0 (a norm bound)."""
+
+    def check(self, value):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+        return None if ok else "must be a number >= 0"
 
 
 class Seed(Spec):
