@@ -9,8 +9,9 @@ The metric (``StepCost``, a ``TorchDispatchMode`` around ``optimizer.step()``):
 - bytes: for every op that is not a view, the bytes of the distinct tensors it reads or writes, each tensor
   counted once per op (an in-place operand, read and written, counts once; two views of one tensor are two
   tensors when their offsets, shapes or strides differ), as ``numel * element_size`` of the view: on a GPU, the
-  memory traffic if nothing stayed in cache. Printed as a multiple of the parameters' bytes and as a ratio to
-  torch's fused AdamW;
+  memory traffic if nothing stayed in cache. Allocations that write nothing (``empty``, ``empty_like``,
+  ``new_empty``, ``empty_strided``) move no bytes. Printed as a multiple of the parameters' bytes and as a ratio
+  to torch's fused AdamW;
 - host syncs: ops that wait for a value on the host (``_local_scalar_dense``: ``.item()``, ``float()``,
   ``bool()``; ``nonzero``, ``equal``, ``is_nonzero``) and ``Tensor.tolist()`` calls (a device-to-host copy on a
   GPU);
@@ -43,6 +44,7 @@ from geomopt.data import load_corpus, sample_batch
 _A = torch.ops.aten
 SYNC_OPS = {_A._local_scalar_dense.default, _A.nonzero.default, _A.equal.default, _A.is_nonzero.default,
             _A.item.default}
+ALLOCATIONS = {_A.empty, _A.empty_like, _A.new_empty, _A.empty_strided}  # write nothing: no traffic
 
 ADAMW = {  # torch's AdamW, the baselines: fused is the strongest a user has
     "adamw-fused": dict(fused=True),
@@ -85,7 +87,7 @@ class StepCost(TorchDispatchMode):
         self.by_op[str(func.overloadpacket.__name__)] += 1
         if func in SYNC_OPS:
             self.syncs += 1
-        if not func.is_view:
+        if not func.is_view and func.overloadpacket not in ALLOCATIONS:
             seen: dict[tuple, int] = {}
             for t in tree_flatten((args, kwargs, out))[0]:
                 if isinstance(t, torch.Tensor) and t.device.type != "meta":

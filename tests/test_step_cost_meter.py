@@ -17,7 +17,8 @@ def test_known_counts():
     assert (m.ops, m.bytes, m.syncs) == (1, 800, 0)
     with step_cost.StepCost() as m:
         x.view(10, 10)  # a view: an op, no bytes
-    assert (m.ops, m.bytes, m.syncs) == (1, 0, 0)
+        torch.empty_like(x)  # an allocation that writes nothing: no bytes
+    assert (m.ops, m.bytes, m.syncs) == (2, 0, 0)
     with step_cost.StepCost() as m:
         z = x + y  # reads two tensors, writes a third
         float(z.sum())  # sum (reads z, writes a scalar), then a host sync reading the scalar

@@ -204,11 +204,15 @@ class DLRAMomentum(FactorOptimizer):
         if group["stabilize_every"] and updates["step"] % group["stabilize_every"] == 0:
             u2, s2, v2 = stabilize(u2, s2, v2, row_qr=row_qr)
         exp_avg = list(transport(u, v, u2, v2, tuple(updates["exp_avg"]), reduce))
-        w_new = u2 @ s2 @ v2.T
+        target, us = to_local(p), u2 @ s2
+        if target.dtype == us.dtype and target.is_contiguous():  # the product written into W itself, in the commit
+            write = functools.partial(torch.mm, us, v2.T, out=target)
+        else:
+            write = functools.partial(target.copy_, us @ v2.T)
         if shard is not None:
             u2, exp_avg[1] = like(u2, shard), like(exp_avg[1], shard)
         updates.update(exp_avg=exp_avg, U=u2, S=s2, V=v2)
-        self._commit(p, functools.partial(to_local(p).copy_, w_new), updates)
+        self._commit(p, write, updates)
 
     @property
     def ranks(self) -> list[int]:

@@ -237,12 +237,11 @@ class ReLoRAReset(FactorOptimizer):
     def _low_rank_step(self, group: dict[str, Any], low: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> None:
         s = group["alpha"] / group["rank"]
         by_scale: dict[float, list[int]] = {}
-        old, factors, fgrads, states = [], [], [], []
+        factors, fgrads, states = [], [], []
         for i, (p, g) in enumerate(low):  # FSDP2 shards: B, its inner state and W are the local rows
             st = self.state[p]
             g = g.to(st["A"].dtype)
             a, b = st["A"], to_local(st["B"])
-            old.append(b @ a)
             grad_a = s * (b.T @ g)
             shard = row_shard(p)
             if shard is not None:
@@ -261,14 +260,26 @@ class ReLoRAReset(FactorOptimizer):
                 new[i] = (f[2 * k], f[2 * k + 1], fs[2 * k], fs[2 * k + 1])
         for i, (p, _) in enumerate(low):
             st, (a, b, inner_a, inner_b) = self.state[p], new[i]
-            delta = (b @ a - old[i]).mul_(s).to(p.dtype)
+            write = self._rewrite(to_local(p), a, b, st["A"], to_local(st["B"]), s)
             shard = row_shard(p)
             updates = dict(A=a, B=b if shard is None else like(b, shard), inner_A=inner_a,
                            inner_B=shard_state(inner_b, shard, b.shape), step=st["step"] + 1,
                            cycle_step=st["cycle_step"] + 1)
             if updates["cycle_step"] >= group["reset_every"]:
                 updates.update(self._reset(p, {**st, **updates}, group))
-            self._commit(p, functools.partial(to_local(p).add_, delta), updates)
+            self._commit(p, write, updates)
+
+    @staticmethod
+    def _rewrite(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a_old: torch.Tensor, b_old: torch.Tensor,
+                 s: float):
+        """The write of W <- W + s (B' A' - B A), as W + s [B' - B, B] [A'; A' - A]: one product of width 2r added
+        into W in place (no m x n temporary) when W has the factors' dtype, else computed and cast first. Every
+        term is exactly 0 where the factors did not move (an lr of 0 leaves W as it is), and the factors are
+        copied here, so a reset that zeroes B' before the commit does not reach the write."""
+        left, right = torch.cat([b - b_old, b_old], 1), torch.cat([a, a - a_old], 0)
+        if w.dtype == left.dtype:
+            return functools.partial(w.addmm_, left, right, alpha=s)
+        return functools.partial(w.add_, (left @ right).mul_(s).to(w.dtype))
 
     def _reset(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
         """Merge-and-reinit as state entries: W already holds W_start + s B A; A redrawn, B <- 0, inner state
