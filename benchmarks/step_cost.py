@@ -8,17 +8,20 @@ The metric (``StepCost``, a ``TorchDispatchMode`` around ``optimizer.step()``):
 - ops: every aten op dispatched during the step (on a GPU each is a kernel launch, or host work between them);
 - bytes: for every op that is not a view, the bytes of the distinct tensors it reads or writes, each tensor
   counted once per op (an in-place operand, read and written, counts once; two views of one tensor are two
-  tensors when their offsets, shapes or strides differ), as ``numel * element_size`` of the view: on a GPU, the
-  memory traffic if nothing stayed in cache. Allocations that write nothing (``empty``, ``empty_like``,
-  ``new_empty``, ``empty_strided``) move no bytes. Printed as a multiple of the parameters' bytes and as a ratio
-  to torch's fused AdamW;
+  tensors when their offsets, shapes or strides differ), as ``numel * element_size`` of the view, a broadcast
+  (stride 0) dimension counted once: on a GPU, the memory traffic if nothing stayed in cache. Allocations that
+  write nothing (``empty``, ``empty_like``, ``new_empty``, ``empty_strided``) move no bytes, nor do the aliasing
+  ops that aten does not mark as views (``_unsafe_view``, which ``matmul`` uses to reshape its result,
+  ``alias``, ``lift_fresh``). Printed as a multiple of the parameters' bytes and as a ratio to torch's fused
+  AdamW;
 - host syncs: ops that wait for a value on the host (``_local_scalar_dense``: ``.item()``, ``float()``,
   ``bool()``; ``nonzero``, ``equal``, ``is_nonzero``) and ``Tensor.tolist()`` calls (a device-to-host copy on a
   GPU);
-- wall: the step's time on this machine, measured on a second copy of the optimizer outside the meter.
+- wall: the step's time on this machine, outside the meter: the same kind of step one cycle later.
 
 Each optimizer is built on the preset's model (``geomopt-bench``'s presets and constructors), takes two warm-up
-steps (its state exists), then one plain step and one step that merges (POET) or resets (ReLoRA) are measured;
+steps (its state exists), then one plain step and one step that merges (POET) or resets (ReLoRA) are metered,
+and the same two steps of the next cycle timed;
 ``--cycle`` sets the merge / reset interval so that the second measured step is a cycle's last. The gradients
 come from real batches of the embedded corpus. JSON (``step_cost.json``) and Markdown (``step_cost.md``) go to
 ``--out``.
@@ -26,8 +29,8 @@ come from real batches of the embedded corpus. JSON (``step_cost.json``) and Mar
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import math
 import os
 import platform
 import time
@@ -45,13 +48,14 @@ _A = torch.ops.aten
 SYNC_OPS = {_A._local_scalar_dense.default, _A.nonzero.default, _A.equal.default, _A.is_nonzero.default,
             _A.item.default}
 ALLOCATIONS = {_A.empty, _A.empty_like, _A.new_empty, _A.empty_strided}  # write nothing: no traffic
+ALIASES = {_A._unsafe_view, _A.alias, _A.lift_fresh}  # views that are not marked as views: no traffic
 
 ADAMW = {  # torch's AdamW, the baselines: fused is the strongest a user has
     "adamw-fused": dict(fused=True),
     "adamw-foreach": dict(foreach=True),
     "adamw-loop": dict(foreach=False),
 }
-DEFAULT = "adamw-fused,adamw-foreach,adamw-loop,poet,poet-lean,relora,dlra"
+DEFAULT = "adamw-fused,adamw-foreach,adamw-loop,poet,poet+fused,poet-lean,poet-lean+fused,relora,relora+fused,dlra"
 
 
 class StepCost(TorchDispatchMode):
@@ -87,25 +91,39 @@ class StepCost(TorchDispatchMode):
         self.by_op[str(func.overloadpacket.__name__)] += 1
         if func in SYNC_OPS:
             self.syncs += 1
-        if not func.is_view and func.overloadpacket not in ALLOCATIONS:
+        if not func.is_view and func.overloadpacket not in ALLOCATIONS | ALIASES:
             seen: dict[tuple, int] = {}
             for t in tree_flatten((args, kwargs, out))[0]:
                 if isinstance(t, torch.Tensor) and t.device.type != "meta":
                     key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
                            t.dtype)
-                    seen[key] = t.numel() * t.element_size()
+                    seen[key] = math.prod(n for n, st in zip(t.shape, t.stride()) if st) * t.element_size()
             self.bytes += sum(seen.values())
         return out
 
 
 def _make(name: str, args: argparse.Namespace) -> Callable[[torch.nn.Module], torch.optim.Optimizer]:
-    if name in ADAMW:
-        return lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01, **ADAMW[name])
-    if name not in bench.OPTIMIZERS:
+    """The constructor of ``name``; ``NAME+foreach`` / ``NAME+fused`` set that flag in every group (geomopt: the
+    multi-tensor path, weights of one shape stepped together, which is the default on a GPU; ``+fused`` keeps the
+    fused Adam kernel for the factors, as that default does)."""
+    base, _, flag = name.partition("+")
+    if flag not in ("", "foreach", "fused"):
+        raise SystemExit(f"--optimizers: unknown suffix {flag!r} in {name!r} (+foreach or +fused)")
+    if base in ADAMW:
+        return lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01, **ADAMW[base])
+    if base not in bench.OPTIMIZERS:
         known = sorted(ADAMW) + sorted(bench.OPTIMIZERS)
-        raise SystemExit(f"--optimizers: unknown optimizer {name!r} (choose from {known})")
-    make, lr = bench.OPTIMIZERS[name]
-    return lambda m: make(m, lr, args)
+        raise SystemExit(f"--optimizers: unknown optimizer {base!r} (choose from {known})")
+    make, lr = bench.OPTIMIZERS[base]
+
+    def build(m: torch.nn.Module) -> torch.optim.Optimizer:
+        opt = make(m, lr, args)
+        for group in opt.param_groups:
+            if flag:
+                group[flag] = True
+        return opt
+
+    return build
 
 
 def _grads(model: torch.nn.Module, train: torch.Tensor, args: argparse.Namespace, gen: torch.Generator) -> None:
@@ -119,29 +137,31 @@ def _sync(device: str) -> None:
 
 
 def measure(name: str, args: argparse.Namespace, train: torch.Tensor, cycle: int) -> dict[str, Any]:
-    """The plain step and the cycle's last step of one optimizer: {kind: {ops, bytes, syncs, wall_ms}}."""
+    """The plain step and the cycle's last step of one optimizer: {kind: {ops, bytes, syncs, wall_ms}}. Two cycles:
+    the first one's are metered, the second one's timed (the optimizer warm both times: its state and caches
+    exist)."""
     model = bench.build_model(args).to(args.device)
     opt = _make(name, args)(model)
     gen = torch.Generator().manual_seed(args.seed)
     out: dict[str, Any] = {"param_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
-    for step in range(1, cycle + 1):  # the last step merges / resets: step `cycle` of the first cycle
+    for step in range(1, 2 * cycle + 1):  # the last step of a cycle merges / resets
         _grads(model, train, args, gen)
-        kind = "plain" if step == cycle - 1 else "merge" if step == cycle else None
+        at = (step - 1) % cycle + 1
+        kind = "plain" if at == cycle - 1 else "merge" if at == cycle else None
         if kind is None:
             opt.step()
-            continue
-        twin_model, twin = copy.deepcopy((model, opt))
-        for p, q in zip(model.parameters(), twin_model.parameters()):
-            q.grad = None if p.grad is None else p.grad.clone()
-        meter = StepCost()
-        with meter:
-            twin.step()
-        _sync(args.device)
-        t0 = time.perf_counter()
-        opt.step()
-        _sync(args.device)
-        out[kind] = dict(ops=meter.ops, bytes=meter.bytes, syncs=meter.syncs,
-                         wall_ms=1000 * (time.perf_counter() - t0), top_ops=meter.by_op.most_common(8))
+        elif step <= cycle:
+            meter = StepCost()
+            with meter:
+                opt.step()
+            out[kind] = dict(ops=meter.ops, bytes=meter.bytes, syncs=meter.syncs,
+                             top_ops=meter.by_op.most_common(8))
+        else:
+            _sync(args.device)
+            t0 = time.perf_counter()
+            opt.step()
+            _sync(args.device)
+            out[kind]["wall_ms"] = 1000 * (time.perf_counter() - t0)
     return out
 
 
