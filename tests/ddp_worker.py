@@ -17,6 +17,8 @@ MAKERS = {
     "poet": lambda m: geomopt.POET(m, lr=1e-2, block_size=8, merge_every=3),
     # one process with the row permutation scope of a 2-rank FSDP2 run (row blocks inside each half)
     "poet-rows2": lambda m: geomopt.POET(m, lr=1e-2, block_size=8, merge_every=3, row_shards=2),
+    # the multi-tensor path: the weights of one shape stepped together
+    "poet-grouped": lambda m: geomopt.POET(m, lr=1e-2, block_size=8, merge_every=3, foreach=True),
     "relora": lambda m: geomopt.ReLoRAReset(m, lr=1e-2, rank=4, alpha=8, reset_every=3),
     "dlra": lambda m: geomopt.DLRAMomentum(m, lr=3e-3, rank=4, method="adam"),
 }

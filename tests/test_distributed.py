@@ -52,7 +52,7 @@ def test_step_in_backward_under_ddp_with_accumulation_matches_one_process(name, 
 FSDP_WORKER = os.path.join(os.path.dirname(__file__), "fsdp_worker.py")
 
 
-@pytest.mark.parametrize("name", ["poet", "relora", "dlra"])
+@pytest.mark.parametrize("name", ["poet", "poet-grouped", "relora", "dlra"])
 def test_fsdp2_steps_sharded_parameters_and_restores_from_a_distributed_checkpoint(name, tmp_path):
     """fully_shard (gloo, 2 processes): the sharded run equals the unsharded one (POET: with the row
     permutation cut at the shard boundary, row_shards=2) to 1e-5, and a run restored from
@@ -69,7 +69,7 @@ def test_fsdp2_steps_sharded_parameters_and_restores_from_a_distributed_checkpoi
         log, _ = p.communicate(timeout=300)
         assert p.returncode == 0, log[-3000:]
     result = torch.load(out, weights_only=True)
-    (single,) = launch(1, "poet-rows2" if name == "poet" else name, tmp_path)
+    (single,) = launch(1, "poet-rows2" if name.startswith("poet") else name, tmp_path)  # weight by weight
     for a, b, c in zip(result["full"], result["restored"], single):
         assert torch.equal(a, b)
         assert float((a - c).norm() / c.norm().clamp_min(1e-12)) < 1e-5
@@ -79,5 +79,5 @@ def test_fsdp2_steps_sharded_parameters_and_restores_from_a_distributed_checkpoi
         assert gathered and {step for step, _ in gathered} == {0}, gathered
     else:
         assert gathered == [], gathered
-    row_state = result["local_state"][{"poet": "w0", "relora": "B", "dlra": "U"}[name]]
+    row_state = result["local_state"][{"poet": "w0", "poet-grouped": "w0", "relora": "B", "dlra": "U"}[name]]
     assert row_state and all(loc[0] * 2 == full[0] and loc[1:] == full[1:] for full, loc in row_state)

@@ -18,7 +18,11 @@ def test_known_counts():
     with step_cost.StepCost() as m:
         x.view(10, 10)  # a view: an op, no bytes
         torch.empty_like(x)  # an allocation that writes nothing: no bytes
-    assert (m.ops, m.bytes, m.syncs) == (2, 0, 0)
+        torch.ops.aten._unsafe_view(x, (10, 10))  # an alias aten does not mark as a view: no bytes either
+    assert (m.ops, m.bytes, m.syncs) == (3, 0, 0)
+    with step_cost.StepCost() as m:
+        y.view(1, 100).expand(7, 100).sum(0)  # a broadcast operand is read once: 400 + 400 bytes
+    assert m.bytes == 800
     with step_cost.StepCost() as m:
         z = x + y  # reads two tensors, writes a third
         float(z.sum())  # sum (reads z, writes a scalar), then a host sync reading the scalar
@@ -49,7 +53,7 @@ def test_a_tiny_preset_reports_every_optimizer_and_step_kind(tmp_path):
     assert "| poet | merge |" in (tmp_path / "step_cost.md").read_text()
 
 
-def _host_syncs(make, layers):
+def _measure(make, layers):
     from torch import nn
 
     torch.manual_seed(0)
@@ -67,7 +71,7 @@ def _host_syncs(make, layers):
     model(x).square().mean().backward()
     with step_cost.StepCost() as m:
         opt.step()
-    return m.syncs
+    return m
 
 
 def test_host_syncs_of_a_plain_step_do_not_grow_with_the_weights():
@@ -81,4 +85,22 @@ def test_host_syncs_of_a_plain_step_do_not_grow_with_the_weights():
               "relora": (lambda m: geomopt.ReLoRAReset(m, lr=1e-2, rank=4, reset_every=50, fused=True), 1),
               "dlra": (lambda m: geomopt.DLRAMomentum(m, lr=1e-2, rank=4, fused=True), 1)}
     for name, (make, want) in makers.items():
-        assert _host_syncs(make, 2) == _host_syncs(make, 6) == want, name
+        assert _measure(make, 2).syncs == _measure(make, 6).syncs == want, name
+
+
+def test_ops_of_a_grouped_step_do_not_grow_with_the_weights():
+    """With the multi-tensor path (``fused=True`` here; the default on a GPU) the weights of one shape share
+    their calls: a plain step of 2 layers and of 6 layers dispatch the same number of ops (POET in both modes,
+    ReLoRA); the per-weight path (``foreach=False``) grows with the weights."""
+    import geomopt
+
+    for kw in (dict(), dict(store_base=False), None):
+        def make(m, flags):
+            if kw is None:
+                return geomopt.ReLoRAReset(m, lr=1e-2, rank=4, reset_every=50, **flags)
+            return geomopt.POET(m, lr=1e-2, block_size=8, merge_every=50, **flags, **kw)
+
+        grouped = [_measure(lambda m: make(m, dict(fused=True)), n).ops for n in (2, 6)]
+        alone = [_measure(lambda m: make(m, dict(foreach=False)), n).ops for n in (2, 6)]
+        assert grouped[0] == grouped[1], (kw, grouped)
+        assert alone[1] > alone[0] + 4 * 10, (kw, alone)  # POET: about 55 ops per weight, ReLoRA 12

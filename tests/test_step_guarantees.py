@@ -279,17 +279,17 @@ def test_ctrl_c_inside_a_commit_is_held_until_the_weight_and_its_state_are_writt
     ref_problem, ref = rebuilt(name, problem, opt)
     ref.step()
     before, after = per_param(problem, opt), per_param(ref_problem, ref)
-    commit = geomopt.FactorOptimizer._commit
+    commit = geomopt.FactorOptimizer._commit_many  # every commit goes through it
 
-    def interrupted(self, p, write=None, updates=None):  # a real SIGINT, delivered inside the first commit
+    def interrupted(self, params, write, updates):  # a real SIGINT, delivered inside the first commit
         def write_after_signal():
             os.kill(os.getpid(), signal.SIGINT)
             if write is not None:
                 write()
-        monkeypatch.setattr(geomopt.FactorOptimizer, "_commit", commit)
-        commit(self, p, write_after_signal, updates)
+        monkeypatch.setattr(geomopt.FactorOptimizer, "_commit_many", commit)
+        commit(self, params, write_after_signal, updates)
 
-    monkeypatch.setattr(geomopt.FactorOptimizer, "_commit", interrupted)
+    monkeypatch.setattr(geomopt.FactorOptimizer, "_commit_many", interrupted)
     with pytest.raises(KeyboardInterrupt):
         opt.step()
     states = per_param(problem, opt)

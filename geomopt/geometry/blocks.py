@@ -5,13 +5,18 @@ columns. A side of dimension ``d`` is cut by a permutation ``perm`` of range(d) 
 ``block_layout`` returns a list of (n_blocks, b) index tensors (at most two: the full blocks and one
 ragged remainder), and the rotation applies one b x b block per row of that tensor. Indices outside
 every block (the fully stochastic mode, or a remainder of size 1) are left unchanged.
+
+Weights of one shape stepped together are stacked into one (L, m, n) tensor, with their index blocks stacked
+into (L, n_blocks, b): the row operations run on the (L * m, n) view with ``stacked_rows``' offset indices, the
+column ones through ``col_block_grads`` and ``rotate_cols_stacked_`` (a gather and a scatter along the last dim).
 """
 from __future__ import annotations
 
 import torch
 
 __all__ = ["block_sizes", "block_layout", "rotate_rows", "rotate_cols", "rotate_rows_", "rotate_cols_",
-           "rotation_buffers", "row_block_grad", "col_block_grad"]
+           "rotation_buffers", "row_block_grad", "col_block_grad", "stacked_rows", "col_block_grads",
+           "rotate_cols_stacked_"]
 
 
 def block_sizes(dim: int, block: int, fully_stochastic: bool) -> list[tuple[int, int]]:
@@ -102,3 +107,38 @@ def col_block_grad(n: torch.Tensor, g: torch.Tensor, idx: torch.Tensor) -> torch
     rows = n.shape[0]
     return torch.bmm(n.index_select(1, flat).view(rows, *idx.shape).permute(1, 2, 0),
                      g.index_select(1, flat).view(rows, *idx.shape).transpose(0, 1))
+
+
+def stacked_rows(idx: torch.Tensor, rows: int) -> torch.Tensor:
+    """(L * n_blocks, b) row indices into the (L * rows, n) view of L stacked weights, from their (L, n_blocks, b)
+    row blocks."""
+    offsets = torch.arange(idx.shape[0], device=idx.device).mul_(rows).view(-1, 1, 1)
+    return (idx + offsets).reshape(-1, idx.shape[-1])
+
+
+def _col_index(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``idx`` (L, n_blocks, b) as a gather / scatter index along the last dim of x (L, m, n): (L, m, n_blocks * b),
+    expanded (no copy)."""
+    return idx.reshape(idx.shape[0], 1, -1).expand(-1, x.shape[1], -1)
+
+
+def col_block_grads(n: torch.Tensor, g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``col_block_grad`` of L stacked weights: n, g (L, m, n_cols), idx (L, n_blocks, b) -> (L * n_blocks, b, b),
+    weight by weight."""
+    lead, rows = n.shape[:2]
+    nb, b = idx.shape[1:]
+    ix = _col_index(n, idx)
+    left = n.gather(2, ix).view(lead, rows, nb, b).permute(0, 2, 3, 1)  # (L, n_blocks, b, m)
+    right = g.gather(2, ix).view(lead, rows, nb, b).transpose(1, 2)  # (L, n_blocks, m, b)
+    return torch.matmul(left, right).reshape(lead * nb, b, b)
+
+
+def rotate_cols_stacked_(x: torch.Tensor, idx: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``rotate_cols_`` of L stacked weights, in place on x (L, m, n): columns ``idx[l, k]`` of x[l] become
+    ``x[l][:, idx[l, k]] @ e[l * n_blocks + k]`` (the columns are gathered before any is written)."""
+    lead, rows = x.shape[:2]
+    nb, b = idx.shape[1:]
+    ix = _col_index(x, idx)
+    blocks = x.gather(2, ix).view(lead, rows, nb, b).transpose(1, 2)  # (L, n_blocks, m, b)
+    out = torch.matmul(blocks, e.view(lead, nb, b, b))
+    return x.scatter_(2, ix, out.transpose(1, 2).reshape(lead, rows, nb * b))

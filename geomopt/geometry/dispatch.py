@@ -21,7 +21,16 @@ from typing import Callable
 
 import torch
 
-from .blocks import col_block_grad, rotate_cols, rotate_cols_, rotate_rows, rotate_rows_, row_block_grad
+from .blocks import (
+    col_block_grad,
+    col_block_grads,
+    rotate_cols,
+    rotate_cols_,
+    rotate_cols_stacked_,
+    rotate_rows,
+    rotate_rows_,
+    row_block_grad,
+)
 from .cayley import cayley_exact, cayley_neumann, cayley_neumann_with_bound
 from .qr import tall_qr
 
@@ -35,6 +44,10 @@ REFERENCES: dict[str, Callable] = {
     "row_block_grad": row_block_grad,
     "col_block_grad": col_block_grad,
     "tall_qr": tall_qr,
+    # weights of one shape stacked (L, m, n): the column side (the row side is row_block_grad / rotate_rows on
+    # the (L * m, n) view, see ``blocks.stacked_rows``)
+    "col_block_grads": col_block_grads,
+    "rotate_cols_stacked_": rotate_cols_stacked_,
     # what the references can do besides: the in-place rotations (on a tensor the caller owns, with work tensors
     # from ``blocks.rotation_buffers``) and the map with its bound
     "rotate_rows_": rotate_rows_,

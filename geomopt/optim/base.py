@@ -161,6 +161,7 @@ class FactorOptimizer(Optimizer):
         with plain_mode({p.device.type for g in self.param_groups for p in g["params"]}), self._interrupts:
             plans = self._plan()
             self._committed = []
+            self._edits.fresh.clear()
             try:
                 for gp in plans:
                     self._apply_group(gp)
@@ -286,9 +287,10 @@ class FactorOptimizer(Optimizer):
                 scatter(self, sharded)
             self._origin = {}
             if self._overwrites(group):
-                done = [p for p in self._committed[start:] if is_factorized(p, group)]
+                done = [p for p in self._committed[start:] if is_factorized(p, group) and id(p) not in
+                        self._edits.fresh]
                 with contextlib.suppress(Exception):  # a missing fingerprint only means "trust the weight"
-                    self._edits.record(done)
+                    self._edits.record(done, self._together(group, done))
 
     def _prepare_state(self, gp: GroupPlan, here: dict[int, torch.Tensor]) -> list[torch.Tensor]:
         """State changes the plan asked for, each consistent with the weight as it is (nothing is written):
@@ -317,12 +319,30 @@ class FactorOptimizer(Optimizer):
                 updates: dict[str, Any] | None = None) -> None:
         """Commit one weight: ``write()`` (in-place, allocation-free: the new weight) and its new state entries,
         together, with Ctrl-C held until both are done."""
+        self._commit_many([p], write, [updates])
+
+    def _commit_many(self, params: list[torch.Tensor], write: Callable[[], Any] | None,
+                     updates: list[dict[str, Any] | None]) -> None:
+        """``_commit`` of weights stepped together: one ``write()`` for all of them, then their state entries."""
         with self._interrupts.held:
             if write is not None:
                 write()
-            if updates:
-                self.state[p].update(updates)
-            self._committed.append(self._origin.get(id(p), p))
+            for p, up in zip(params, updates):
+                if up:
+                    self.state[p].update(up)
+                self._committed.append(self._origin.get(id(p), p))
+
+    @staticmethod
+    def _together(group: dict[str, Any], params: list[torch.Tensor]) -> bool:
+        """Whether the weights of one shape share their dense calls (the multi-tensor path): with ``foreach=True``,
+        or ``fused=True`` and ``foreach`` unset; not with ``foreach=False``; by default where the weights live off
+        the CPU (on a GPU each call is a launch; on a CPU the per-weight calls, whose gathers stay in cache, are
+        faster)."""
+        if group["foreach"] is not None:
+            return bool(group["foreach"])
+        if group["fused"]:
+            return True
+        return any(to_local(p).device.type != "cpu" for p in params)
 
     def _dense_step(self, group: dict[str, Any], params: list[torch.Tensor], lr: float) -> None:
         """AdamW (decoupled decay) on ``params`` with the group's hyperparameters and flags; one tensor at a time

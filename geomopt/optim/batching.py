@@ -13,28 +13,58 @@ from typing import Any, Hashable, Iterable, Iterator, Sequence
 
 import torch
 
-__all__ = ["ByKey", "chunks", "BATCH_ELEMENTS"]
+__all__ = ["ByKey", "chunks", "key_runs", "dense_stack", "BATCH_ELEMENTS", "DENSE_ELEMENTS"]
 
 #: elements of one rotation-shaped batch (all blocks of the weights stepped together, b x b each): 4M, 16 MB in
 #: fp32. The step keeps a few such tensors alive (old and new rotations, inverses, gradients), so this bounds its
 #: temporary memory whatever the model's size; small models fit in one batch.
 BATCH_ELEMENTS = 1 << 22
 
+#: elements of the weights one grouped step stacks (``foreach``): 32M, 128 MB in fp32. The stacked gradients,
+#: weights and their gathered blocks are a few such tensors; a weight larger than this is a run of its own.
+DENSE_ELEMENTS = 1 << 25
 
-def chunks(items: Sequence[Any], sizes: Iterable[int], budget: int | None = None) -> Iterator[list[Any]]:
+
+def chunks(items: Sequence[Any], sizes: Iterable[Any], budget: Any = None) -> Iterator[list[Any]]:
     """Consecutive runs of ``items`` whose ``sizes`` sum to at most ``budget`` (default ``BATCH_ELEMENTS``; an item
-    larger than the budget is a run of its own); the order is kept."""
+    larger than the budget is a run of its own); the order is kept. Sizes and budget may be tuples: a run then
+    keeps within every component."""
     budget = BATCH_ELEMENTS if budget is None else budget
+    limits = budget if isinstance(budget, tuple) else (budget,)
     run: list[Any] = []
-    total = 0
+    total = [0] * len(limits)
     for item, size in zip(items, sizes):
-        if run and total + size > budget:
+        size = size if isinstance(size, tuple) else (size,)
+        if run and any(t + s > limit for t, s, limit in zip(total, size, limits)):
             yield run
-            run, total = [], 0
+            run, total = [], [0] * len(limits)
         run.append(item)
-        total += size
+        total = [t + s for t, s in zip(total, size)]
     if run:
         yield run
+
+
+def key_runs(keys: Sequence[Hashable], sizes: Sequence[int], together: bool) -> list[list[int]]:
+    """Positions 0..len(keys)-1 in runs stepped together: with ``together``, those of one key (in the order the
+    keys first appear), each run up to ``DENSE_ELEMENTS`` of ``sizes``; else one position per run."""
+    if not together:
+        return [[i] for i in range(len(keys))]
+    by_key: dict[Hashable, list[int]] = {}
+    for i, k in enumerate(keys):
+        by_key.setdefault(k, []).append(i)
+    return [run for ix in by_key.values() for run in chunks(ix, [sizes[i] for i in ix], DENSE_ELEMENTS)]
+
+
+def dense_stack(ts: Sequence[torch.Tensor], dtype: torch.dtype, private: bool = False) -> torch.Tensor:
+    """L tensors of one shape as one (L, *shape) tensor of ``dtype``. A lone tensor already of the dtype is a view
+    of it unless ``private`` (then a copy: the caller writes into it)."""
+    if len(ts) == 1:
+        return ts[0].to(dtype, copy=private).unsqueeze(0)
+    if all(t.dtype == dtype for t in ts):
+        return torch.stack(list(ts))
+    out = ts[0].new_empty((len(ts), *ts[0].shape), dtype=dtype)
+    torch._foreach_copy_(list(out.unbind(0)), list(ts))
+    return out
 
 
 class ByKey:
@@ -61,6 +91,15 @@ class ByKey:
         for k, ix in self.groups.items():
             for i, part in zip(ix, cats[k].split([self.counts[i] for i in ix])):
                 out[i] = part
+        return out
+
+    def starts(self) -> list[int]:
+        """Per entry, the row of its key's ``cat`` where it starts."""
+        out = [0] * len(self.keys)
+        for ix in self.groups.values():
+            start = 0
+            for i in ix:
+                out[i], start = start, start + self.counts[i]
         return out
 
     def owners(self, entry_owner: Sequence[int], device: torch.device | None = None) -> dict[Hashable, torch.Tensor]:

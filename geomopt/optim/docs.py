@@ -32,6 +32,10 @@ COMMON_ARGS_DOC = r"""
         ``inner_kwargs`` says otherwise): ``None`` (default) is torch's choice for the parameters (foreach on
         CUDA, else a loop) and the fused kernel for the factors where torch has one; ``True``/``False`` force
         it. A tensor that is not contiguous never goes to the fused kernel (torch's CPU kernel ignores strides).
+        POET and ReLoRAReset also step the weights of one shape together on this multi-tensor path (stacked
+        products, one multi-tensor write: the calls do not grow with the layers) with ``foreach=True``, or
+        ``fused=True`` and ``foreach`` unset, and by default on a GPU; ``foreach=False``, and the default on a CPU
+        (where it is faster), step them one by one (equal to float64 rounding).
     capturable, differentiable: torch's flags; only ``False`` is supported (a clear error otherwise).
 """
 

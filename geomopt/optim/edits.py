@@ -12,7 +12,7 @@ changes by construction and need no fingerprint.
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -21,12 +21,21 @@ from .sharded import to_local
 __all__ = ["Fingerprints"]
 
 
+class _Record(NamedTuple):
+    """Fingerprints taken together: the weights (weak references, in order) and their fingerprints (L, m)."""
+    refs: tuple
+    ys: torch.Tensor
+
+
 class Fingerprints:
-    """The last fingerprint the optimizer took of each weight it wrote."""
+    """The last fingerprint the optimizer took of each weight it wrote. Weights recorded together (of one shape,
+    dtype and device, with ``together``: one stacked product instead of one per weight) are checked together, by
+    the same computation on the same weights, so that the bits compare equal when nothing changed."""
 
     def __init__(self) -> None:
-        self._seen: dict[int, tuple[Any, torch.Tensor]] = {}
+        self._seen: dict[int, tuple[Any, _Record, int]] = {}  # id(weight) -> (weak ref, its record, its row)
         self._probes: dict[tuple, torch.Tensor] = {}
+        self.fresh: set[int] = set()  # ids of the weights recorded from their stacked values in this step
 
     def _probe(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (n, dtype, device)
@@ -35,31 +44,68 @@ class Fingerprints:
             self._probes[key] = v.to(device=device, dtype=dtype)
         return self._probes[key]
 
-    def _take(self, p: torch.Tensor) -> torch.Tensor:
-        w = to_local(p).detach()
-        if w.dtype in (torch.float16, torch.bfloat16):
-            w = w.float()
-        return torch.mv(w, self._probe(w.shape[1], w.dtype, w.device))
+    def _take(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """(L, m): the fingerprints of weights of one local shape, dtype and device."""
+        with torch.no_grad():  # read as data: no graph, so no detach either
+            ws = [to_local(p) for p in params]
+            return self._product(ws[0].unsqueeze(0) if len(ws) == 1 else torch.stack(ws))
 
-    def record(self, params: list[torch.Tensor]) -> None:
-        for p in params:
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        if x.shape[0] == 1:
+            return torch.mv(x[0], self._probe(x.shape[-1], x.dtype, x.device)).unsqueeze(0)
+        return torch.matmul(x, self._probe(x.shape[-1], x.dtype, x.device))
+
+    def record_stacked(self, params: list[torch.Tensor], stacked: torch.Tensor) -> None:
+        """Record weights just written from ``stacked`` ((L, m, n), of their dtype: the same bits), without reading
+        them again; ``fresh`` holds them until the step's end."""
+        self._keep(params, _Record(tuple(weakref.ref(p) for p in params), self._product(stacked)))
+        self.fresh.update(id(p) for p in params)
+
+    def _keep(self, params: list[torch.Tensor], rec: "_Record") -> None:
+        for j, p in enumerate(params):
             pid = id(p)
-            self._seen[pid] = (weakref.ref(p, lambda _, k=pid: self._seen.pop(k, None)), self._take(p))
+            self._seen[pid] = (weakref.ref(p, lambda _, k=pid: self._seen.pop(k, None)), rec, j)
 
-    def _same(self, p: torch.Tensor) -> torch.Tensor:
-        """0-d bool: the fingerprint of ``p`` now has the bits of the recorded one (so a NaN compares equal)."""
-        now, then = self._take(p), self._seen[id(p)][1]
-        bits = {8: torch.int64, 4: torch.int32, 2: torch.int16}[now.element_size()]
-        return (now.view(bits) == then.view(bits)).all()
+    def record(self, params: list[torch.Tensor], together: bool = False) -> None:
+        buckets: dict[Any, list[torch.Tensor]] = {}
+        for i, p in enumerate(params):
+            t = to_local(p)
+            buckets.setdefault((tuple(t.shape), t.dtype, t.device) if together else i, []).append(p)
+        for bucket in buckets.values():
+            self._keep(bucket, _Record(tuple(weakref.ref(p) for p in bucket), self._take(bucket)))
 
     def same_flags(self, params: list[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
         """(the positions in ``params`` of the weights with a record, a 1-D bool tensor on the device: whether each
-        of those is as the optimizer last wrote it). Nothing is read on the host."""
-        known = [i for i, p in enumerate(params) if (rec := self._seen.get(id(p))) is not None and rec[0]() is p]
+        of those is as the optimizer last wrote it, its fingerprint of the same bits, so that a NaN compares
+        equal). A weight recorded with others that are gone since counts as changed. Nothing is read on the
+        host."""
+        by_rec: dict[int, list[int]] = {}
+        recs: dict[int, _Record] = {}
+        for i, p in enumerate(params):
+            entry = self._seen.get(id(p))
+            if entry is not None and entry[0]() is p:
+                by_rec.setdefault(id(entry[1]), []).append(i)
+                recs[id(entry[1])] = entry[1]
+        known, flags = [], []
+        for key, ix in by_rec.items():
+            rec = recs[key]
+            members = [r() for r in rec.refs]
+            order = [self._seen[id(params[i])][2] for i in ix]
+            if any(m is None for m in members):
+                flags.append(torch.zeros(len(ix), dtype=torch.bool, device=rec.ys.device))
+                known += ix
+                continue
+            now, then = self._take(members), rec.ys
+            bits = {8: torch.int64, 4: torch.int32, 2: torch.int16}[now.element_size()]
+            same = (now.view(bits) == then.view(bits)).all(dim=1)
+            flags.append(same if order == list(range(len(members))) else same[torch.tensor(order, device=same.device)])
+            known += ix
         if not known:
             return [], torch.zeros(0, dtype=torch.bool)
-        flags = [self._same(params[i]) for i in known]
-        return known, torch.stack([f.to(flags[0].device) for f in flags])
+        device = flags[0].device
+        return known, torch.cat([f.to(device) for f in flags]) if len(flags) > 1 else flags[0]
 
     def forget(self) -> None:
         self._seen.clear()

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..geometry import block_layout, block_sizes, skew_size
-from ..geometry.cayley import newton_schulz_iterations
+from . import batching
 from . import state as layout
 from .base import FactorOptimizer
 from .batching import ByKey, chunks
@@ -16,10 +16,16 @@ from .docs import fill_args_doc
 from .guard import deferred_interrupt
 from .inner import AdamRule
 from .poet_step import (
+    Group,
     Work,
     apply_blocks,
     delta,
+    exact_for_flagged,
     generator_grads,
+    group_key,
+    group_mats,
+    inverse_iterations,
+    make_groups,
     new_factors,
     rewrite,
     rotation,
@@ -149,6 +155,7 @@ class POETOptimizer(FactorOptimizer):
     def _init_runtime(self) -> None:
         super()._init_runtime()
         self._layout_cache: dict[int, tuple] = {}  # id(param) -> (weakref, key, layout); see _blocks
+        self._stack_cache: dict[tuple, tuple] = {}  # a group's stacked index blocks; see make_groups
 
     def _overwrites(self, group: dict[str, Any]) -> bool:
         return bool(group["store_base"])  # paper mode writes R W0 P; lean mode rotates W as it is
@@ -296,11 +303,18 @@ class POETOptimizer(FactorOptimizer):
     def _factor_step(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
                      lr: float) -> None:
         """Step the weights in runs (``batching.chunks``): within a run, every block of one side and size is
-        mapped, inverted, differentiated and bounded in one batched call (``_step_run``)."""
+        mapped, inverted, differentiated and bounded in one batched call, and with ``foreach`` the weights of one
+        shape share their dense calls (``_step_run``)."""
         works = [self._work(p, g, group) for p, g in zip(params, grads)]
-        sizes = [sum(idx.numel() * idx.shape[1] for idx in w.rows + w.cols) for w in works]
-        for run in chunks(works, sizes):
-            self._step_run(group, run, lr)
+        together = self._together(group, params)
+        if together:  # weights of one key next to each other, in the order their keys first appear
+            first: dict[tuple, int] = {}
+            works.sort(key=lambda w: first.setdefault(group_key(w), len(first)))
+        sizes = [(sum(idx.numel() * idx.shape[1] for idx in w.rows + w.cols), to_local(w.p).numel() if together
+                  else 0) for w in works]
+        cache, self._stack_cache = self._stack_cache, {}
+        for run in chunks(works, sizes, (batching.BATCH_ELEMENTS, batching.DENSE_ELEMENTS)):
+            self._step_run(group, make_groups(run, together, cache, self._stack_cache), lr)
 
     def _work(self, p: torch.Tensor, g: torch.Tensor, group: dict[str, Any]) -> Work:
         st = self.state[p]  # a row-sharded weight (FSDP2) works on its local rows: every row tensor is local
@@ -308,17 +322,20 @@ class POETOptimizer(FactorOptimizer):
         return Work(p, g, st, shard, rows, cols, [to_local(q) for q in st["q_row"]] + st["q_col"],
                     [local_state(s) for s in st["inner_row"]], factor_dtype(p))
 
-    def _step_run(self, group: dict[str, Any], works: list[Work], lr: float, adaptive: bool = False) -> None:
-        """One batched step of ``works``: new generators out of place, new rotations, then per weight the new
-        weight (out of place) and its new state, committed together. The block inverses run a fixed number of
-        Newton-Schulz iterations where the safeguard bounds their starting residual (no host read; whether they
-        converged is read with the safeguard's flags); ``adaptive`` (or no bound) iterates to convergence."""
+    def _step_run(self, group: dict[str, Any], groups: list[Group], lr: float, adaptive: bool = False) -> None:
+        """One batched step of the weights of ``groups``: new generators out of place, new rotations, then per
+        group the new weights (out of place, or prepared in place) and their new state, committed together. The
+        block inverses run a fixed number of Newton-Schulz iterations where the safeguard bounds their starting
+        residual (no host read; whether they converged is read with the safeguard's flags); ``adaptive`` (or no
+        bound) iterates to convergence."""
+        works = [w for gr in groups for w in gr.works]
         terms = None if group["exact_cayley"] else group["neumann_terms"]
         batch = ByKey([(side, idx.shape[1], q.dtype, q.device) for w in works
                        for (side, idx), q in zip(w.sides(), w.qs)], [q.shape[0] for w in works for q in w.qs])
         bound = max((w.st.get("q_bound", group["max_q_norm"] or 0.0) for w in works), default=0.0)
-        iterations = None if adaptive else self._inverse_iterations(group, works[0].fdtype, bound)
-        old, inv, grads, converged = generator_grads(works, batch, terms, iterations)
+        iterations = None if adaptive else inverse_iterations(group, works[0].fdtype, bound)
+        old, inv, grads, converged, bases = generator_grads(groups, batch, terms, iterations,
+                                                            keep_weights=not group["store_base"])
         inner = [s for w in works for s in w.inner_row + w.st["inner_col"]]
         new_qs, new_inner = self._inner.updated([q for w in works for q in w.qs], grads, inner, lr,
                                                 foreach=group["foreach"], fused=group["fused"])
@@ -330,47 +347,41 @@ class POETOptimizer(FactorOptimizer):
             bounds, inverted = safeguard(group["max_q_norm"], works, batch,
                                          {k: bd for k, (_, bd) in pairs.items()}, converged)
             if not inverted:  # a state from elsewhere broke the bound the iterations assumed: nothing is
-                return self._step_run(group, works, lr, adaptive=True)  # committed yet, so run again
+                return self._step_run(group, groups, lr, adaptive=True)  # committed yet, so run again
             flags = [bd > group["max_q_norm"] for bd in bounds]
         else:
             mats = {k: rotation(q, k[1], terms) for k, q in new_q.items()}
         if not group["store_base"]:  # D_new D_old^-1 = I + (D_new - D_old) D_old^-1: exactly I when Q did not move
             mats = {k: delta(k[0], mats[k], old[k], inv[k]) for k in mats}
-        per = batch.split(mats)
-        olds, invs = (batch.split(old), batch.split(inv)) if any(flags) else ([], [])
+        if any(flags):
+            exact_for_flagged(group["store_base"], works, flags, batch, mats, new_qs, old, inv)
         del old, inv
-        pos = 0
-        for wi, (w, early) in enumerate(zip(works, flags)):  # wi: the weight's position in bounds
-            idx = range(pos, pos + len(w.qs))
-            pos += len(w.qs)
-            mine, qs = [per[i] for i in idx], [new_qs[i] for i in idx]
-            if early:  # the safeguard: this weight's step with the exact Cayley map, then a merge
-                exact = rotations(qs, w.rows + w.cols, None)
-                mine = exact if group["store_base"] else [
-                    delta(side, r, olds[i], invs[i]) for i, (side, _), r in zip(idx, w.sides(), exact)]
-            updates = dict(step=w.st["step"] + 1, since_merge=w.st["since_merge"] + 1,
-                           **new_factors(w, qs, [new_inner[i] for i in idx]))
-            merge = early or updates["since_merge"] >= group["merge_every"]
-            if group["max_q_norm"] is not None and terms is not None:  # the next step's inverses start from it
-                updates["q_bound"] = bounds[wi]
-            write, kept = rewrite(w, mine, group["store_base"], keep=merge and group["store_base"])
-            if merge:
-                updates.update(self._merged(w.p, {**w.st, **updates}, group, kept, early))
-            self._commit(w.p, write, updates)
-
-    @staticmethod
-    def _inverse_iterations(group: dict[str, Any], dtype: torch.dtype, c: float) -> int | None:
-        """Newton-Schulz iterations for the old blocks' inverses, from the bound on their orthogonality error:
-        exact Cayley blocks are orthogonal to rounding; a Cayley-Neumann block of a generator with ||Q||_2 <= c
-        (the bound the safeguard read last step, or max_q_norm) has ||I - D D^T|| <= 2 c^(k+1) + c^(2k+2) for odd
-        k, c^(2k+2) for even k (D D^T = (I - Q^(k+1))(I - (-Q)^(k+1))). None: no bound (``max_q_norm=None``)."""
-        if group["exact_cayley"]:
-            return newton_schulz_iterations(1e3 * torch.finfo(dtype).eps, dtype)
-        k = group["neumann_terms"]
-        if group["max_q_norm"] is None:
-            return None
-        residual = 2 * c ** (k + 1) + c ** (2 * k + 2) if k % 2 else c ** (2 * k + 2)
-        return newton_schulz_iterations(residual, dtype)
+        per, starts = batch.split(mats), batch.starts()
+        pos, wi = 0, 0  # the first entry and the position (in bounds) of the group's first weight
+        for gr, base in zip(groups, bases):
+            ups, merges = [], []
+            for w in gr.works:
+                idx = range(pos, pos + len(w.qs))
+                pos += len(w.qs)
+                ups.append(dict(step=w.st["step"] + 1, since_merge=w.st["since_merge"] + 1,
+                                **new_factors(w, [new_qs[i] for i in idx], [new_inner[i] for i in idx])))
+                merges.append(flags[wi] or ups[-1]["since_merge"] >= group["merge_every"])
+                if group["max_q_norm"] is not None and terms is not None:  # the next step's inverses start from it
+                    ups[-1]["q_bound"] = bounds[wi]
+                wi += 1
+            first = pos - sum(len(w.qs) for w in gr.works)
+            side_mats = group_mats(gr, batch, mats, per, starts, first)
+            nrow = len(gr.rows)
+            write, kept, stacked = rewrite(gr, side_mats[:nrow], side_mats[nrow:], group["store_base"],
+                                           [m and group["store_base"] for m in merges], base)
+            for w, up, merge, k, early in zip(gr.works, ups, merges, kept, flags[wi - len(gr.works): wi]):
+                if merge:
+                    up.update(self._merged(w.p, {**w.st, **up}, group, k, early))
+            self._commit_many([w.p for w in gr.works], write, ups)
+            ps = [w.p for w in gr.works]
+            if (stacked is not None and len(ps) > 1 and self._overwrites(group) and stacked.dtype == ps[0].dtype
+                    and not any(id(p) in self._origin for p in ps)):  # the fingerprints from what was written
+                self._edits.record_stacked(ps, stacked)
 
     def _merged(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], w_new: torch.Tensor | None,
                 early: bool) -> dict[str, Any]:

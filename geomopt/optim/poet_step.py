@@ -1,13 +1,17 @@
 """POET's step in stages: block gradients from G and W and their generator gradients (``generator_grads``), the
 rotations of the updated generators (``rotation``, with the safeguard's bound: ``rotation_and_bound``,
 ``safeguard``), the rewrite of W (``rewrite``), the new state (``new_factors``). ``POETOptimizer._step_run`` runs
-them in order and commits each weight.
+them in order and commits each group.
 
-The dense parts stay weight by weight: each weight's gathers and block products fit in cache, while stacking the
-weights of one shape into a single matrix (to save calls) was measured 1x to 4x slower on the small preset's CPU (its
-large strided gathers and scatters run out of cache). The small b x b work of all weights is batched instead,
-in ``POETOptimizer._step_run``. The rewrite is prepared (its work tensors allocated) before the weight's commit and
-runs inside it without allocating, so an exception never leaves the weight advanced without its state.
+The dense parts run per ``Group``: the weights of one shape, dtype and block layout. On the multi-tensor path
+(``foreach`` or ``fused`` set, the default on a GPU) a group holds every such weight of the run: their gradients
+and weights are stacked into one (L, m, n) tensor, the block products and rotations are one call per key for
+all of them, and one multi-tensor copy writes the new weights, so the number of calls does not grow with the
+number of layers. Elsewhere (the default on a CPU) each weight is a group of its own: its gathers and block
+products fit in cache, and the stacking's extra copies were measured slower there (BENCHMARKS.md). The small b x b
+work of all weights is batched either way, in ``POETOptimizer._step_run``. The rewrite is prepared (its work
+tensors allocated) before the group's commit and runs inside it without allocating, so an exception never leaves
+a weight advanced without its state.
 """
 from __future__ import annotations
 
@@ -17,14 +21,15 @@ from typing import Any, Hashable, NamedTuple
 import torch
 
 from ..geometry import rotation_inverse, skew_norm_bound
-from ..geometry.blocks import rotation_buffers
-from ..geometry.cayley import newton_schulz_inverse
+from ..geometry.blocks import rotation_buffers, stacked_rows
+from ..geometry.cayley import newton_schulz_inverse, newton_schulz_iterations
 from ..geometry.dispatch import call, can
-from .batching import ByKey
+from .batching import ByKey, dense_stack
 from .sharded import all_reduce, like, reduce_over_meshes, shard_state, to_local
 
-__all__ = ["Work", "rotation", "rotation_and_bound", "rotations", "delta", "apply_blocks", "block_grads", "rewrite",
-           "generator_grads", "safeguard", "new_factors"]
+__all__ = ["Work", "Group", "group_key", "make_groups", "rotation", "rotation_and_bound", "rotations",
+           "delta", "apply_blocks", "block_grads", "rewrite", "generator_grads", "safeguard", "new_factors",
+           "group_mats", "exact_for_flagged", "inverse_iterations"]
 
 
 class Work(NamedTuple):
@@ -82,36 +87,119 @@ def apply_blocks(x: torch.Tensor, rows: list, ds: list, cols: list, es: list) ->
     return x
 
 
-def block_grads(works: list[Work], batch: ByKey) -> dict[Hashable, torch.Tensor]:
-    """Per key of ``batch``, the (n_blocks, b, b) products G[s_k] W[s_k]^T (row keys) and W[:, t_k]^T G[:, t_k]
-    (column keys) of every weight, concatenated in the order of ``batch``'s entries (the works' blocks)."""
-    raw = []
+class Group(NamedTuple):
+    """Weights of one key (``group_key``: local shape, dtype, factor dtype, device, block layout) stepped together:
+    their works, consecutive in the step's order, and per row key the (L * n_blocks, b) indices into the stacked
+    (L * m, n) view (``blocks.stacked_rows``), per column key the (L, n_blocks, b) blocks. A group of one weight
+    keeps the weight's own index blocks and runs the per-weight calls."""
+    works: list[Work]
+    rows: list[torch.Tensor]
+    cols: list[torch.Tensor]
+
+
+def group_key(w: Work) -> tuple:
+    t = to_local(w.p)
+    return (tuple(t.shape), t.dtype, w.fdtype, t.device, tuple(i.shape for i in w.rows),
+            tuple(i.shape for i in w.cols), w.shard is None)
+
+
+def make_groups(works: list[Work], together: bool, cache: dict, seen: dict) -> list[Group]:
+    """``works`` (sorted by ``group_key`` when ``together``) as groups: runs of one key, or one weight each. The
+    stacked indices are taken from ``cache`` where the weights' index blocks are the same tensors (they change
+    at merges), and every group's are put into ``seen`` (the next step's cache)."""
+    runs: list[list[Work]] = []
     for w in works:
-        g = w.g.to(w.fdtype)
-        wt = to_local(w.p).detach().to(w.fdtype)
-        raw += [call("row_block_grad", g, wt, idx) for idx in w.rows]
-        raw += [call("col_block_grad", wt, g, idx) for idx in w.cols]
-    return batch.cat(raw)
+        if together and runs and group_key(runs[-1][0]) == group_key(w):
+            runs[-1].append(w)
+        else:
+            runs.append([w])
+    out = []
+    for run in runs:
+        if len(run) == 1:
+            out.append(Group(run, run[0].rows, run[0].cols))
+            continue
+        blocks = tuple(idx for w in run for idx in w.rows + w.cols)
+        key = tuple(id(b) for b in blocks)
+        hit = cache.get(key)
+        if hit is None or any(a is not b for a, b in zip(hit[0], blocks)):
+            m = to_local(run[0].p).shape[0]
+            rows = [stacked_rows(torch.stack([w.rows[j] for w in run]), m) for j in range(len(run[0].rows))]
+            cols = [torch.stack([w.cols[j] for w in run]) for j in range(len(run[0].cols))]
+            hit = (blocks, rows, cols)
+        seen[key] = hit
+        out.append(Group(run, hit[1], hit[2]))
+    return out
 
 
-def rewrite(w: Work, mats: list[torch.Tensor], store_base: bool, keep: bool):
-    """The new weight, as (write, kept): ``write()`` puts it into the weight and allocates nothing (the step calls
-    it inside the weight's commit); ``kept`` is the new weight in the factor dtype when ``keep`` (a merge follows:
-    the new W0), else None. It is R W0 P (paper mode; ``mats`` the new rotations, row blocks first) or the
-    incremental update of W (lean mode; ``mats`` the deltas).
+def block_grads(groups: list[Group], keep_weights: bool) -> tuple[dict[Hashable, torch.Tensor], list]:
+    """Per key (side, b, factor dtype, device), the (n_blocks, b, b) products G[s_k] W[s_k]^T (rows) and
+    W[:, t_k]^T G[:, t_k] (columns) of every weight, in the step's order of the weights: one call per group and
+    key. Also, per group, its weights stacked in the factor dtype (``keep_weights``: lean mode rotates them)."""
+    raw: dict[Hashable, list[torch.Tensor]] = {}
+    bases = []
+    for gr in groups:
+        fdtype = gr.works[0].fdtype
+        g = dense_stack([w.g for w in gr.works], fdtype)
+        wt = dense_stack([to_local(w.p) for w in gr.works], fdtype)  # the step runs under no_grad
+        lead, m, n = wt.shape
+        for idx in gr.rows:
+            out = call("row_block_grad", g.reshape(lead * m, n), wt.reshape(lead * m, n), idx)
+            raw.setdefault(("row", idx.shape[-1], fdtype, wt.device), []).append(out)
+        for idx in gr.cols:
+            out = call("col_block_grad", wt[0], g[0], idx) if lead == 1 else call("col_block_grads", wt, g, idx)
+            raw.setdefault(("col", idx.shape[-1], fdtype, wt.device), []).append(out)
+        bases.append(wt if keep_weights else None)
+    return {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in raw.items()}, bases
 
-    On the reference path, with the weight in the factor dtype, the rotations run in place on the weight with
-    their work tensors allocated here (``rotation_buffers``): no copy of W is made. Otherwise (a kernel, or a
-    bf16 weight with fp32 factors) the new weight is computed out of place and copied in."""
+
+def _in_place(w: Work) -> bool:
     target = to_local(w.p)
+    return target.dtype == w.fdtype and can("rotate_rows", target, "in_place") and can("rotate_cols", target,
+                                                                                      "in_place")
+
+
+def rewrite(gr: Group, rows: list[torch.Tensor], cols: list[torch.Tensor], store_base: bool, keep: list[bool],
+            base: torch.Tensor | None = None):
+    """The group's new weights, as (write, kept, stacked): ``write()`` puts them into the weights and allocates nothing
+    (the step calls it inside the group's commit); ``kept[i]`` is weight i's new value in the factor dtype where
+    ``keep[i]`` (a merge follows: the new W0), else None; ``stacked`` the new weights as one (L, m, n) tensor in the
+    factor dtype where they were computed so, else None. It is R W0 P (paper mode; ``rows`` / ``cols`` the new
+    rotations per key, in the group's stacked order) or the incremental update of W (lean mode; the deltas).
+
+    One weight on the reference path with the weight in the factor dtype: the rotations run in place on the
+    weight, their work tensors allocated here (``rotation_buffers``), no copy of W made. Otherwise (several
+    weights, a kernel, a bf16 weight with fp32 factors) the new weights are computed on a stacked copy of the
+    bases (``base``: lean mode's stacked weights from ``block_grads``) and copied in by one multi-tensor copy."""
+    w = gr.works[0]
+    if len(gr.works) == 1 and _in_place(w):
+        write, kept = _rewrite_in_place(w, rows + cols, store_base, keep[0])
+        return write, [kept], None
+    targets = [to_local(x.p) for x in gr.works]
+    if store_base or base is None or len(gr.works) == 1:
+        src = [to_local(x.st["w0"]) for x in gr.works] if store_base else targets
+        base = dense_stack(src, w.fdtype, private=True)
+    lead, m, n = base.shape
+    flat = base.view(lead * m, n)
+    in_place = can("rotate_rows", flat, "in_place")
+    for idx, d in zip(gr.rows, rows):
+        flat = call("rotate_rows_", flat, idx, d) if in_place else call("rotate_rows", flat, idx, d)
+    x = flat.view(lead, m, n)
+    for idx, e in zip(gr.cols, cols):
+        if lead > 1:
+            x = call("rotate_cols_stacked_", x, idx, e)
+        elif can("rotate_cols", x, "in_place"):
+            call("rotate_cols_", x[0], idx, e)
+        else:
+            x = call("rotate_cols", x[0], idx, e).unsqueeze(0)
+    news = list(x.unbind(0))
+    kept = [(new if lead == 1 else new.clone()) if k else None for new, k in zip(news, keep)]
+    return functools.partial(torch._foreach_copy_, targets, news), kept, x
+
+
+def _rewrite_in_place(w: Work, mats: list[torch.Tensor], store_base: bool, keep: bool):
+    """One weight's rewrite in place on the weight (see ``rewrite``): (write, kept)."""
     nrow = len(w.rows)
-    in_place = target.dtype == w.fdtype and can("rotate_rows", target, "in_place") and can("rotate_cols", target,
-                                                                                          "in_place")
-    if not in_place:
-        base = to_local(w.st["w0"]) if store_base else target.detach().to(w.fdtype)
-        new = apply_blocks(base, w.rows, mats[:nrow], w.cols, mats[nrow:])
-        return functools.partial(target.copy_, new), (new if keep else None)
-    x = target.detach()
+    x = to_local(w.p).detach()
     row_bufs = [rotation_buffers(x, idx, True) for idx in w.rows]
     col_bufs = [rotation_buffers(x, idx, False) for idx in w.cols]
     kept = torch.empty_like(x) if keep else None
@@ -133,11 +221,13 @@ def rewrite(w: Work, mats: list[torch.Tensor], store_base: bool, keep: bool):
     return write, kept
 
 
-def generator_grads(works: list[Work], batch: ByKey, terms: int | None, iterations: int | None = None):
+def generator_grads(groups: list[Group], batch: ByKey, terms: int | None, iterations: int | None = None,
+                    keep_weights: bool = False):
     """Stages 1-2: block gradients from G and W, then through the map to the generators. Returns (old rotations,
-    their inverses, per key of ``batch``; the generators' gradients, per entry of ``batch``; and, when the
-    inverses ran a fixed number of Newton-Schulz ``iterations`` (no host read), a 0-d device bool: whether they
-    converged; else None)."""
+    their inverses, per key of ``batch``; the generators' gradients, per entry of ``batch``; when the inverses
+    ran a fixed number of Newton-Schulz ``iterations`` (no host read), a 0-d device bool: whether they converged,
+    else None; per group, its stacked weights when ``keep_weights``, else None)."""
+    works = [w for gr in groups for w in gr.works]
     qs = [q for w in works for q in w.qs]
     with torch.enable_grad():
         leaves = {k: t.detach().requires_grad_() for k, t in batch.cat(qs).items()}
@@ -155,7 +245,7 @@ def generator_grads(works: list[Work], batch: ByKey, terms: int | None, iteratio
     # M = W0 P = R^-1 W and N = R W0 = W P^-1 hold in both modes, so the gradients are taken from
     # W itself (the lean formulas, with D^-T = D and E^-T = E for orthogonal blocks):
     # dL/dD_k = G[s_k] W[s_k]^T D_k^-T,  dL/dE_k = E_k^-T W[:, t_k]^T G[:, t_k]
-    raw = block_grads(works, batch)
+    raw, bases = block_grads(groups, keep_weights)
     outs = [raw[k] @ inv[k].transpose(1, 2) if k[0] == "row" else inv[k].transpose(1, 2) @ raw[k] for k in rots]
     del raw
     with torch.enable_grad():
@@ -170,7 +260,7 @@ def generator_grads(works: list[Work], batch: ByKey, terms: int | None, iteratio
             grads[pos + nrow: pos + len(w.qs)] = [c.view_as(x) for c, x in zip(flat.split([x.numel() for x in col]),
                                                                               col)]
         pos += len(w.qs)
-    return old, inv, grads, converged
+    return old, inv, grads, converged, bases
 
 
 def safeguard(limit: float, works: list[Work], batch: ByKey, block_bounds: dict,
@@ -203,3 +293,45 @@ def new_factors(w: Work, qs: list[torch.Tensor], inner: list[dict[str, Any]]) ->
         rows = [like(q, w.shard) for q in rows]
         inner_rows = [shard_state(s, w.shard, q.shape) for s, q in zip(inner_rows, qs[:nrow])]
     return dict(q_row=rows, q_col=qs[nrow:], inner_row=inner_rows, inner_col=inner[nrow:])
+
+
+def group_mats(gr: Group, batch: ByKey, mats: dict, per: list, starts: list[int], first: int) -> list:
+    """Per key of the group (row keys first), its weights' rotations: the weight's own entry for a group of
+    one, else the rows of the key's batch that the group's consecutive entries span (a view)."""
+    if len(gr.works) == 1:
+        return per[first: first + len(gr.works[0].qs)]
+    out = []
+    for j, idx in enumerate(gr.rows + gr.cols):
+        e = first + j
+        out.append(mats[batch.keys[e]][starts[e]: starts[e] + idx.numel() // idx.shape[-1]])
+    return out
+
+
+def exact_for_flagged(store_base: bool, works: list[Work], flags: list[bool], batch: ByKey,
+                       mats: dict, new_qs: list, old: dict, inv: dict) -> None:
+    """The safeguard: a flagged weight's new rotations (or deltas) become those of the exact Cayley map,
+    written into ``mats`` (a merge follows)."""
+    per, olds, invs = batch.split(mats), batch.split(old), batch.split(inv)
+    pos = 0
+    for w, early in zip(works, flags):
+        idx = range(pos, pos + len(w.qs))
+        pos += len(w.qs)
+        if not early:
+            continue
+        exact = rotations([new_qs[i] for i in idx], w.rows + w.cols, None)
+        for i, (side, _), r in zip(idx, w.sides(), exact):
+            per[i].copy_(r if store_base else delta(side, r, olds[i], invs[i]))
+
+
+def inverse_iterations(group: dict[str, Any], dtype: torch.dtype, c: float) -> int | None:
+    """Newton-Schulz iterations for the old blocks' inverses, from the bound on their orthogonality error:
+    exact Cayley blocks are orthogonal to rounding; a Cayley-Neumann block of a generator with ||Q||_2 <= c
+    (the bound the safeguard read last step, or max_q_norm) has ||I - D D^T|| <= 2 c^(k+1) + c^(2k+2) for odd
+    k, c^(2k+2) for even k (D D^T = (I - Q^(k+1))(I - (-Q)^(k+1))). None: no bound (``max_q_norm=None``)."""
+    if group["exact_cayley"]:
+        return newton_schulz_iterations(1e3 * torch.finfo(dtype).eps, dtype)
+    k = group["neumann_terms"]
+    if group["max_q_norm"] is None:
+        return None
+    residual = 2 * c ** (k + 1) + c ** (2 * k + 2) if k % 2 else c ** (2 * k + 2)
+    return newton_schulz_iterations(residual, dtype)

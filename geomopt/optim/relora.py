@@ -9,6 +9,7 @@ import torch
 
 from . import state as layout
 from .base import FactorOptimizer
+from .batching import dense_stack, key_runs
 from .checks import check_number, check_rank, flag_defaults
 from .docs import fill_args_doc
 from .inner import AdamRule
@@ -235,21 +236,24 @@ class ReLoRAReset(FactorOptimizer):
         self._commit(p, write, updates)
 
     def _low_rank_step(self, group: dict[str, Any], low: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> None:
+        """The factors' gradients, their inner update and W's rewrite: per run of ``key_runs`` (with the
+        multi-tensor path, the weights of one shape share stacked products and one multi-tensor write; else one
+        weight each), committed run by run."""
         s = group["alpha"] / group["rank"]
+        keys = [(tuple(to_local(p).shape), p.dtype, self.state[p]["A"].shape, self.state[p]["A"].dtype,
+                 row_shard(p) is None) for p, _ in low]
+        runs = key_runs(keys, [to_local(p).numel() for p, _ in low], self._together(group, [p for p, _ in low]))
+        factors, fgrads, states = [], [None] * (2 * len(low)), []
         by_scale: dict[float, list[int]] = {}
-        factors, fgrads, states = [], [], []
-        for i, (p, g) in enumerate(low):  # FSDP2 shards: B, its inner state and W are the local rows
+        for i, (p, _) in enumerate(low):  # FSDP2 shards: B, its inner state and W are the local rows
             st = self.state[p]
-            g = g.to(st["A"].dtype)
-            a, b = st["A"], to_local(st["B"])
-            grad_a = s * (b.T @ g)
-            shard = row_shard(p)
-            if shard is not None:
-                all_reduce(grad_a, shard)
-            factors += [a, b]
-            fgrads += [grad_a, s * (g @ a.T)]
+            factors += [st["A"], to_local(st["B"])]
             states += [st["inner_A"], local_state(st["inner_B"])]
             by_scale.setdefault(self._lr_scale(st, group), []).append(i)
+        for ix in runs:
+            grad_a, grad_b = self._factor_grads([low[i] for i in ix], s)
+            for i, ga, gb in zip(ix, grad_a, grad_b):
+                fgrads[2 * i], fgrads[2 * i + 1] = ga, gb
         new: dict[int, tuple] = {}
         for scale, ix in by_scale.items():
             pick = [j for i in ix for j in (2 * i, 2 * i + 1)]
@@ -258,16 +262,52 @@ class ReLoRAReset(FactorOptimizer):
                                         fused=group["fused"])
             for k, i in enumerate(ix):
                 new[i] = (f[2 * k], f[2 * k + 1], fs[2 * k], fs[2 * k + 1])
-        for i, (p, _) in enumerate(low):
-            st, (a, b, inner_a, inner_b) = self.state[p], new[i]
-            write = self._rewrite(to_local(p), a, b, st["A"], to_local(st["B"]), s)
+        for ix in runs:
+            ps = [low[i][0] for i in ix]
+            if len(ix) == 1:
+                st, (a, b, _, _) = self.state[ps[0]], new[ix[0]]
+                write = self._rewrite(to_local(ps[0]), a, b, st["A"], to_local(st["B"]), s)
+            else:
+                write = self._rewrite_many(ps, [new[i] for i in ix], s)
+            ups = []
+            for p, i in zip(ps, ix):
+                st, (a, b, inner_a, inner_b) = self.state[p], new[i]
+                shard = row_shard(p)
+                ups.append(dict(A=a, B=b if shard is None else like(b, shard), inner_A=inner_a,
+                                inner_B=shard_state(inner_b, shard, b.shape), step=st["step"] + 1,
+                                cycle_step=st["cycle_step"] + 1))
+                if ups[-1]["cycle_step"] >= group["reset_every"]:
+                    ups[-1].update(self._reset(p, {**st, **ups[-1]}, group))
+            self._commit_many(ps, write, ups)
+
+    def _factor_grads(self, low: list[tuple[torch.Tensor, torch.Tensor]], s: float):
+        """s B^T G and s G A^T of weights of one key: stacked products for several (lists of views), the plain
+        ones for one. A row-sharded weight's A gradient sums over its ranks."""
+        sts = [self.state[p] for p, _ in low]
+        dtype = sts[0]["A"].dtype
+        if len(low) == 1:
+            g, a, b = low[0][1].to(dtype), sts[0]["A"], to_local(sts[0]["B"])
+            grad_a, grad_b = [s * (b.T @ g)], [s * (g @ a.T)]
+        else:
+            g = dense_stack([g for _, g in low], dtype)
+            a, b = torch.stack([st["A"] for st in sts]), torch.stack([to_local(st["B"]) for st in sts])
+            grad_a = list(torch.bmm(b.mT, g).mul_(s).unbind(0))
+            grad_b = list(torch.bmm(g, a.mT).mul_(s).unbind(0))
+        for (p, _), ga in zip(low, grad_a):
             shard = row_shard(p)
-            updates = dict(A=a, B=b if shard is None else like(b, shard), inner_A=inner_a,
-                           inner_B=shard_state(inner_b, shard, b.shape), step=st["step"] + 1,
-                           cycle_step=st["cycle_step"] + 1)
-            if updates["cycle_step"] >= group["reset_every"]:
-                updates.update(self._reset(p, {**st, **updates}, group))
-            self._commit(p, write, updates)
+            if shard is not None:
+                all_reduce(ga, shard)
+        return grad_a, grad_b
+
+    def _rewrite_many(self, ps: list[torch.Tensor], new: list[tuple], s: float):
+        """``_rewrite`` of weights of one key: the stacked products [B' - B, B] [A'; A' - A] computed now, added
+        into the weights by one multi-tensor add (in the weights' dtype, from the factors' products)."""
+        sts = [self.state[p] for p in ps]
+        b_new, b_old = torch.stack([n[1] for n in new]), torch.stack([to_local(st["B"]) for st in sts])
+        a_new, a_old = torch.stack([n[0] for n in new]), torch.stack([st["A"] for st in sts])
+        left, right = torch.cat([b_new - b_old, b_old], 2), torch.cat([a_new, a_new - a_old], 1)
+        deltas = list(torch.bmm(left, right).unbind(0))
+        return functools.partial(torch._foreach_add_, [to_local(p) for p in ps], deltas, alpha=s)
 
     @staticmethod
     def _rewrite(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a_old: torch.Tensor, b_old: torch.Tensor,
