@@ -2,6 +2,7 @@
 hand-written backward) equals Horner's scheme through autograd, the Newton-Schulz inverse equals an LU inverse,
 the batched POET step equals itself cut into runs, in-place rotations equal out-of-place ones, the fused and
 foreach Adam paths equal the loop, and the one-norm non-finite check flags exactly what isfinite flags (float64)."""
+import chain_model
 import pytest
 import torch
 from chain_model import chain_forward, make_chain
@@ -101,16 +102,7 @@ SHAPES = [(24, 13), (20, 24), (10, 20), (7, 10)]
 
 
 def train_chain(make, steps=30, seed=1):
-    layers, scale = make_chain(SHAPES, 0)
-    params = [(f"layers.{i}.weight", layer.weight) for i, layer in enumerate(layers)] + [("scale", scale)]
-    opt = make(params)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x, y = torch.randn(32, SHAPES[0][1], generator=g), torch.randn(32, SHAPES[-1][0], generator=g)
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(chain_forward([layer.weight for layer in layers], scale, x), y).backward()
-        opt.step()
-    return [layer.weight.detach().clone() for layer in layers] + [scale.detach().clone()], opt
+    return chain_model.train_chain(make, SHAPES, steps, seed)
 
 
 POET_CASES = {"paper": {}, "lean": dict(store_base=False), "fs": dict(mode="fs", block_size=0.5),

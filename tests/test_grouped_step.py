@@ -4,7 +4,7 @@ safeguard's early merges; the grouped column operations equal their per-weight r
 together still tell an edited weight from an untouched one."""
 import pytest
 import torch
-from chain_model import chain_forward, make_chain
+from chain_model import make_chain, train_chain
 from conftest import rel_err
 
 import geomopt
@@ -27,18 +27,7 @@ CASES = {"paper": {}, "lean": dict(store_base=False), "fs": dict(mode="fs", bloc
 
 
 def train(make, steps=24, seed=3, edit=None):
-    layers, scale = make_chain(SHAPES, 0)
-    params = [(f"layers.{i}.weight", layer.weight) for i, layer in enumerate(layers)] + [("scale", scale)]
-    opt = make(params)
-    g = torch.Generator().manual_seed(seed)
-    for step in range(steps):
-        x, y = torch.randn(32, SHAPES[0][1], generator=g), torch.randn(32, SHAPES[-1][0], generator=g)
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(chain_forward([layer.weight for layer in layers], scale, x), y).backward()
-        if edit is not None:
-            edit(step, layers)
-        opt.step()
-    return [layer.weight.detach().clone() for layer in layers] + [scale.detach().clone()], opt
+    return train_chain(make, SHAPES, steps, seed, edit)
 
 
 def sizes_seen(monkeypatch):
