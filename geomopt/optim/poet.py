@@ -27,6 +27,7 @@ from .poet_step import (
     inverse_iterations,
     make_groups,
     new_factors,
+    per_size,
     rewrite,
     rotation,
     rotation_and_bound,
@@ -342,7 +343,7 @@ class POETOptimizer(FactorOptimizer):
         new_q = batch.cat(new_qs)
         flags = [False] * len(works)
         if group["max_q_norm"] is not None and terms is not None:
-            pairs = {k: rotation_and_bound(q, k[1], terms) for k, q in new_q.items()}
+            pairs = per_size(lambda q, b: rotation_and_bound(q, b, terms), new_q)
             mats = {k: r for k, (r, _) in pairs.items()}
             bounds, inverted = safeguard(group["max_q_norm"], works, batch,
                                          {k: bd for k, (_, bd) in pairs.items()}, converged)
@@ -350,7 +351,7 @@ class POETOptimizer(FactorOptimizer):
                 return self._step_run(group, groups, lr, adaptive=True)  # committed yet, so run again
             flags = [bd > group["max_q_norm"] for bd in bounds]
         else:
-            mats = {k: rotation(q, k[1], terms) for k, q in new_q.items()}
+            mats = per_size(lambda q, b: rotation(q, b, terms), new_q)
         if not group["store_base"]:  # D_new D_old^-1 = I + (D_new - D_old) D_old^-1: exactly I when Q did not move
             mats = {k: delta(k[0], mats[k], old[k], inv[k]) for k in mats}
         if any(flags):

@@ -16,7 +16,7 @@ a weight advanced without its state.
 from __future__ import annotations
 
 import functools
-from typing import Any, Hashable, NamedTuple
+from typing import Any, Callable, Hashable, NamedTuple
 
 import torch
 
@@ -28,7 +28,7 @@ from .batching import ByKey, dense_stack
 from .sharded import all_reduce, like, reduce_over_meshes, shard_state, to_local
 
 __all__ = ["Work", "Group", "group_key", "make_groups", "rotation", "rotation_and_bound", "rotations",
-           "delta", "apply_blocks", "block_grads", "rewrite", "generator_grads", "safeguard", "new_factors",
+           "per_size", "delta", "apply_blocks", "block_grads", "rewrite", "generator_grads", "safeguard", "new_factors",
            "group_mats", "exact_for_flagged", "inverse_iterations"]
 
 
@@ -61,6 +61,27 @@ def rotation_and_bound(q: torch.Tensor, b: int, terms: int) -> tuple[torch.Tenso
     if can("cayley_neumann", q, "with_bound"):
         return call("cayley_neumann_with_bound", q, b, terms)
     return call("cayley_neumann", q, b, terms), skew_norm_bound(q, b)
+
+
+def per_size(fn: Callable, xs: dict[Hashable, torch.Tensor]) -> dict[Hashable, Any]:
+    """``fn(x, b)`` once per block size, dtype and device, on the tensors of the keys (side, b, dtype, device) that
+    share them concatenated (the map, its inverses and bounds do not depend on the side), the results split back
+    per key as views, in the keys' order. ``fn`` returns a tensor or a tuple of tensors with the leading block
+    dimension; a 0-d result (a convergence flag) goes to every key."""
+    by_size: dict[Hashable, list] = {}
+    for k in xs:
+        by_size.setdefault(k[1:], []).append(k)
+    out: dict[Hashable, Any] = {}
+    for size, ks in by_size.items():
+        if len(ks) == 1:
+            out[ks[0]] = fn(xs[ks[0]], size[0])
+            continue
+        res = fn(torch.cat([xs[k] for k in ks]), size[0])
+        counts = [xs[k].shape[0] for k in ks]
+        parts = [r.split(counts) if r.dim() else [r] * len(ks) for r in (res if isinstance(res, tuple) else (res,))]
+        for i, k in enumerate(ks):
+            out[k] = tuple(p[i] for p in parts) if isinstance(res, tuple) else parts[0][i]
+    return {k: out[k] for k in xs}  # in the keys' order
 
 
 def rotations(qs: list[torch.Tensor], idxs: list[torch.Tensor], terms: int | None) -> list[torch.Tensor]:
@@ -231,13 +252,13 @@ def generator_grads(groups: list[Group], batch: ByKey, terms: int | None, iterat
     qs = [q for w in works for q in w.qs]
     with torch.enable_grad():
         leaves = {k: t.detach().requires_grad_() for k, t in batch.cat(qs).items()}
-        rots = {k: rotation(leaf, k[1], terms) for k, leaf in leaves.items()}
+        rots = per_size(lambda x, b: rotation(x, b, terms), leaves)
     old = {k: r.detach() for k, r in rots.items()}
     converged = None
     if iterations is None:
-        inv = {k: rotation_inverse(r) for k, r in old.items()}
+        inv = per_size(lambda x, b: rotation_inverse(x), old)
     else:
-        pairs = {k: newton_schulz_inverse(r, iterations) for k, r in old.items()}
+        pairs = per_size(lambda x, b: newton_schulz_inverse(x, iterations), old)
         inv = {k: x for k, (x, _) in pairs.items()}
         if pairs:
             flags = [ok for _, ok in pairs.values()]
