@@ -34,8 +34,8 @@ def sizes_seen(monkeypatch):
     seen = []
     make = poet_step.make_groups
 
-    def spy(works, together, cache, out):
-        groups = make(works, together, cache, out)
+    def spy(works, cache, out):
+        groups = make(works, cache, out)
         seen.extend(len(gr.works) for gr in groups)
         return groups
 

@@ -60,10 +60,12 @@ class Fingerprints:
     def record_stacked(self, params: list[torch.Tensor], stacked: torch.Tensor) -> None:
         """Record weights just written from ``stacked`` ((L, m, n), of their dtype: the same bits), without reading
         them again; ``fresh`` holds them until the step's end."""
-        self._keep(params, _Record(tuple(weakref.ref(p) for p in params), self._product(stacked)))
+        self._keep(params, self._product(stacked))
         self.fresh.update(id(p) for p in params)
 
-    def _keep(self, params: list[torch.Tensor], rec: "_Record") -> None:
+    def _keep(self, params: list[torch.Tensor], ys: torch.Tensor) -> None:
+        """``ys`` (L, m) as the record of ``params``, taken together."""
+        rec = _Record(tuple(weakref.ref(p) for p in params), ys)
         for j, p in enumerate(params):
             pid = id(p)
             self._seen[pid] = (weakref.ref(p, lambda _, k=pid: self._seen.pop(k, None)), rec, j)
@@ -74,23 +76,20 @@ class Fingerprints:
             t = to_local(p)
             buckets.setdefault((tuple(t.shape), t.dtype, t.device) if together else i, []).append(p)
         for bucket in buckets.values():
-            self._keep(bucket, _Record(tuple(weakref.ref(p) for p in bucket), self._take(bucket)))
+            self._keep(bucket, self._take(bucket))
 
     def same_flags(self, params: list[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
         """(the positions in ``params`` of the weights with a record, a 1-D bool tensor on the device: whether each
         of those is as the optimizer last wrote it, its fingerprint of the same bits, so that a NaN compares
         equal). A weight recorded with others that are gone since counts as changed. Nothing is read on the
         host."""
-        by_rec: dict[int, list[int]] = {}
-        recs: dict[int, _Record] = {}
+        by_rec: dict[int, tuple[_Record, list[int]]] = {}
         for i, p in enumerate(params):
             entry = self._seen.get(id(p))
             if entry is not None and entry[0]() is p:
-                by_rec.setdefault(id(entry[1]), []).append(i)
-                recs[id(entry[1])] = entry[1]
+                by_rec.setdefault(id(entry[1]), (entry[1], []))[1].append(i)
         known, flags = [], []
-        for key, ix in by_rec.items():
-            rec = recs[key]
+        for rec, ix in by_rec.values():
             members = [r() for r in rec.refs]
             order = [self._seen[id(params[i])][2] for i in ix]
             if any(m is None for m in members):

@@ -23,10 +23,9 @@ import torch
 from torch.optim import Optimizer
 
 from .functional import adam_state, choose_impl, prepared_adam
+from .state import ADAM_KEYS
 
 __all__ = ["inner_rule", "AdamRule", "OptimizerRule", "clone_state", "copy_all"]
-
-ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")
 
 #: keys of ``inner_kwargs`` that the geomopt optimizer's own arguments set, or that its step cannot honour
 _REFUSED = {"lr": "the group's lr drives the factors", "maximize": "pass maximize to the geomopt optimizer",

@@ -308,14 +308,16 @@ class POETOptimizer(FactorOptimizer):
         shape share their dense calls (``_step_run``)."""
         works = [self._work(p, g, group) for p, g in zip(params, grads)]
         together = self._together(group, params)
+        keys = [group_key(w) for w in works] if together else [None] * len(works)
         if together:  # weights of one key next to each other, in the order their keys first appear
             first: dict[tuple, int] = {}
-            works.sort(key=lambda w: first.setdefault(group_key(w), len(first)))
+            order = sorted(range(len(works)), key=lambda i: first.setdefault(keys[i], len(first)))
+            works, keys = [works[i] for i in order], [keys[i] for i in order]
         sizes = [(sum(idx.numel() * idx.shape[1] for idx in w.rows + w.cols), to_local(w.p).numel() if together
                   else 0) for w in works]
         cache, self._stack_cache = self._stack_cache, {}
-        for run in chunks(works, sizes, (batching.BATCH_ELEMENTS, batching.DENSE_ELEMENTS)):
-            self._step_run(group, make_groups(run, together, cache, self._stack_cache), lr)
+        for run in chunks(list(zip(works, keys)), sizes, (batching.BATCH_ELEMENTS, batching.DENSE_ELEMENTS)):
+            self._step_run(group, make_groups(run, cache, self._stack_cache), lr)
 
     def _work(self, p: torch.Tensor, g: torch.Tensor, group: dict[str, Any]) -> Work:
         st = self.state[p]  # a row-sharded weight (FSDP2) works on its local rows: every row tensor is local
@@ -354,10 +356,10 @@ class POETOptimizer(FactorOptimizer):
             mats = per_size(lambda q, b: rotation(q, b, terms), new_q)
         if not group["store_base"]:  # D_new D_old^-1 = I + (D_new - D_old) D_old^-1: exactly I when Q did not move
             mats = {k: delta(k[0], mats[k], old[k], inv[k]) for k in mats}
+        per, starts = batch.split(mats), batch.starts()  # views: what the safeguard writes into mats they show
         if any(flags):
-            exact_for_flagged(group["store_base"], works, flags, batch, mats, new_qs, old, inv)
+            exact_for_flagged(group["store_base"], works, flags, batch, per, new_qs, old, inv)
         del old, inv
-        per, starts = batch.split(mats), batch.starts()
         pos, wi = 0, 0  # the first entry and the position (in bounds) of the group's first weight
         for gr, base in zip(groups, bases):
             ups, merges = [], []
@@ -378,8 +380,8 @@ class POETOptimizer(FactorOptimizer):
             for w, up, merge, k, early in zip(gr.works, ups, merges, kept, flags[wi - len(gr.works): wi]):
                 if merge:
                     up.update(self._merged(w.p, {**w.st, **up}, group, k, early))
-            self._commit_many([w.p for w in gr.works], write, ups)
             ps = [w.p for w in gr.works]
+            self._commit_many(ps, write, ups)
             if (stacked is not None and len(ps) > 1 and self._overwrites(group) and stacked.dtype == ps[0].dtype
                     and not any(id(p) in self._origin for p in ps)):  # the fingerprints from what was written
                 self._edits.record_stacked(ps, stacked)

@@ -124,16 +124,18 @@ def group_key(w: Work) -> tuple:
             tuple(i.shape for i in w.cols), w.shard is None)
 
 
-def make_groups(works: list[Work], together: bool, cache: dict, seen: dict) -> list[Group]:
-    """``works`` (sorted by ``group_key`` when ``together``) as groups: runs of one key, or one weight each. The
+def make_groups(works: list[tuple[Work, Any]], cache: dict, seen: dict) -> list[Group]:
+    """``works`` as (work, its ``group_key``, or None for a weight stepped alone) in groups: runs of one key. The
     stacked indices are taken from ``cache`` where the weights' index blocks are the same tensors (they change
     at merges), and every group's are put into ``seen`` (the next step's cache)."""
     runs: list[list[Work]] = []
-    for w in works:
-        if together and runs and group_key(runs[-1][0]) == group_key(w):
+    last = None
+    for w, key in works:
+        if key is not None and runs and key == last:
             runs[-1].append(w)
         else:
             runs.append([w])
+        last = key
     out = []
     for run in runs:
         if len(run) == 1:
@@ -329,10 +331,10 @@ def group_mats(gr: Group, batch: ByKey, mats: dict, per: list, starts: list[int]
 
 
 def exact_for_flagged(store_base: bool, works: list[Work], flags: list[bool], batch: ByKey,
-                       mats: dict, new_qs: list, old: dict, inv: dict) -> None:
+                       per: list, new_qs: list, old: dict, inv: dict) -> None:
     """The safeguard: a flagged weight's new rotations (or deltas) become those of the exact Cayley map,
-    written into ``mats`` (a merge follows)."""
-    per, olds, invs = batch.split(mats), batch.split(old), batch.split(inv)
+    written into ``per`` (per entry, views of the batched matrices; a merge follows)."""
+    olds, invs = batch.split(old), batch.split(inv)
     pos = 0
     for w, early in zip(works, flags):
         idx = range(pos, pos + len(w.qs))
