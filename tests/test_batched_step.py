@@ -121,8 +121,8 @@ def test_poet_in_runs_equals_one_batch(case, float64, monkeypatch):
     monkeypatch.setattr(batching, "BATCH_ELEMENTS", 1)  # every weight a run of its own
     runs = []
     step_run = geomopt.POET._step_run
-    monkeypatch.setattr(geomopt.POET, "_step_run", lambda self, group, works, lr: (runs.append(len(works)),
-                                                                                   step_run(self, group, works, lr)))
+    monkeypatch.setattr(geomopt.POET, "_step_run", lambda self, group, works, lr, **kw: (
+        runs.append(len(works)), step_run(self, group, works, lr, **kw)))
     apart, _ = train_chain(make)
     assert set(runs) == {1} and len(runs) == 30 * len(SHAPES)
     for a, b in zip(whole, apart):

@@ -57,6 +57,23 @@ def test_exact_cayley_is_a_rotation(b, seed):
     assert torch.allclose(torch.linalg.det(R), torch.ones(3, dtype=f64))
 
 
+@pytest.mark.parametrize("dtype,tol", [(f64, 1e-12), (torch.float32, 2e-5)])
+def test_exact_cayley_solves_its_defining_equation_at_b256_on_two_threads(dtype, tol):
+    """(I - Q) R = I + Q for batches of 256 x 256 blocks after ``torch.set_num_threads(2)``, where torch 2.13.0's
+    CPU build returns invalid pivots from a batched LU (the exact map uses a Cholesky factorization instead)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        b = 256
+        q = rand_q(3, b, 7, scale=0.05)
+        R = cayley_exact(q.to(dtype), b).to(f64)
+    finally:
+        torch.set_num_threads(threads)
+    Q, eye = unpack_skew(q, b), torch.eye(b, dtype=f64)
+    assert ((eye - Q) @ R - (eye + Q)).abs().max() < tol
+    assert (R.transpose(1, 2) @ R - eye).abs().max() < tol
+
+
 def _slope(ts, errs):
     x, y = torch.log(torch.tensor(ts)), torch.log(torch.tensor(errs))
     x, y = x - x.mean(), y - y.mean()

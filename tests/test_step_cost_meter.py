@@ -77,13 +77,15 @@ def _measure(make, layers):
 def test_host_syncs_of_a_plain_step_do_not_grow_with_the_weights():
     """With the fused kernel for the AdamW-routed tensors (torch's loop reads each CPU step count): POET syncs
     twice (the plan's flags, the safeguard's bounds), ReLoRA and DLRA once (the plan's flags), whatever the
-    number of weights. Issue 17's target is 0; this keeps what has been reached."""
+    number of weights; POET lean mode with ``capturable=True`` (decisions on the device) never."""
     import geomopt
 
     makers = {"poet": (lambda m: geomopt.POET(m, lr=1e-2, block_size=8, merge_every=50, fused=True), 2),
               "poet-lean": (lambda m: geomopt.POET(m, lr=1e-2, block_size=8, store_base=False, fused=True), 2),
               "relora": (lambda m: geomopt.ReLoRAReset(m, lr=1e-2, rank=4, reset_every=50, fused=True), 1),
-              "dlra": (lambda m: geomopt.DLRAMomentum(m, lr=1e-2, rank=4, fused=True), 1)}
+              "dlra": (lambda m: geomopt.DLRAMomentum(m, lr=1e-2, rank=4, fused=True), 1),
+              "poet-lean+capturable": (lambda m: geomopt.POET(m, lr=1e-2, block_size=8, store_base=False,
+                                                              capturable=True, foreach=True), 0)}
     for name, (make, want) in makers.items():
         assert _measure(make, 2).syncs == _measure(make, 6).syncs == want, name
 
@@ -94,7 +96,7 @@ def test_ops_of_a_grouped_step_do_not_grow_with_the_weights():
     ReLoRA); the per-weight path (``foreach=False``) grows with the weights."""
     import geomopt
 
-    for kw in (dict(), dict(store_base=False), None):
+    for kw in (dict(), dict(store_base=False), dict(store_base=False, capturable=True), None):
         def make(m, flags):
             if kw is None:
                 return geomopt.ReLoRAReset(m, lr=1e-2, rank=4, reset_every=50, **flags)

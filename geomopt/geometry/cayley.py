@@ -143,10 +143,17 @@ def _even_odd(terms: int) -> tuple[list[float], list[float]]:
 
 
 def cayley_exact(q: torch.Tensor, b: int) -> torch.Tensor:
-    r"""Exact Cayley map :math:`R = (I - Q)^{-1}(I + Q)`, orthogonal for every skew Q (batched solve)."""
+    r"""Exact Cayley map :math:`R = (I - Q)^{-1}(I + Q)`, orthogonal for every skew Q.
+
+    Computed without a pivoted LU: rational functions of Q commute, so :math:`R = A^{-1}(I + Q)^2` with
+    :math:`A = (I - Q)(I + Q) = I + Q^\top Q`, symmetric positive definite with eigenvalues in
+    :math:`[1, 1 + \|Q\|_2^2]`: a batched Cholesky factorization, which cannot fail for it (no error check, so no
+    host read), and two triangular solves."""
     Q = unpack_skew(q, b)
     eye = _eye(b, q)
-    return torch.linalg.solve(eye - Q, eye + Q)
+    plus = eye + Q
+    chol, _ = torch.linalg.cholesky_ex(eye + Q.transpose(-2, -1) @ Q)
+    return torch.cholesky_solve(plus @ plus, chol)
 
 
 def cayley(q: torch.Tensor, b: int, terms: int | None) -> torch.Tensor:

@@ -46,6 +46,7 @@ class GroupPlan(NamedTuple):
     rebuild: list[torch.Tensor]  # group settings changed since the factors were built
     rebase: list[torch.Tensor]  # weight changed outside the optimizer
     skipped: int  # non-finite gradients skipped
+    ok: Any = None  # capturable groups: a 0-d device bool, whether every gradient is finite (the step applies it)
 
 
 class FactorOptimizer(Optimizer):
@@ -54,6 +55,8 @@ class FactorOptimizer(Optimizer):
     state), and implements ``_init_factor_state``, ``_factor_step``, ``_state_layout``, ``_rebuild``,
     ``_rebase`` and ``_check_group``; ``ADDED_SETTINGS`` lists the group settings newer than the class."""
 
+    #: whether the class has a capturable step (``capturable=True``: decisions on the device, no host read)
+    CAPTURABLE = False
     #: counters kept per factorized parameter, summed by ``stats``
     STAT_KEYS: tuple[str, ...] = ()
     STATE_MARKER = ""
@@ -66,7 +69,7 @@ class FactorOptimizer(Optimizer):
     def __init__(self, params: Any, defaults: dict[str, Any], *, inner: type | None = torch.optim.AdamW,
                  inner_kwargs: dict[str, Any] | None = None, seed: int = 0, nonfinite: str = "skip",
                  external_edits: str = "rebase"):
-        check_hyper(defaults)
+        check_hyper(defaults, self.CAPTURABLE)
         check_number("seed", seed, integer=True)
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
@@ -123,7 +126,7 @@ class FactorOptimizer(Optimizer):
         for p in tensors:
             check_param(p)
         merged = {**self.defaults, **group, "params": tensors}
-        check_hyper(merged)
+        check_hyper(merged, self.CAPTURABLE)
         self._check_group(merged, [p for p in tensors if is_factorized(p, merged)])
         super().add_param_group(group)
 
@@ -174,6 +177,9 @@ class FactorOptimizer(Optimizer):
             for gp in plans:
                 if gp.skipped:
                     gp.group["nonfinite_skips"] = gp.group.get("nonfinite_skips", 0) + gp.skipped
+            first = next((gp for gp in plans if gp.ok is not None), None)
+            if first is not None:  # a step skipped on the device, counted there once (a 0-d tensor ``stats`` reads)
+                first.group["nonfinite_skips"] = (~first.ok).long() + first.group.get("nonfinite_skips", 0)
         return loss
 
     def _plan(self) -> list[GroupPlan]:
@@ -182,37 +188,58 @@ class FactorOptimizer(Optimizer):
         name = type(self).__name__
         staged, first = [], 0
         for group in self.param_groups:
-            check_hyper(group)
+            check_hyper(group, self.CAPTURABLE)
             self._check_group(group, [p for p in group["params"] if is_factorized(p, group)])
             params = [p for p in group["params"] if p.grad is not None and not self._retry.done(p)]
             for p in params:
                 check_grad(name, p)
+            if group["capturable"]:
+                self._check_capturable(group, params)
             lr = lr_value(group["lr"])
-            init_only = lr == 0 and all(global_all([~to_local(p.grad).any() for p in params], params))
+            init_only = not group["capturable"] and lr == 0 and all(
+                global_all([~to_local(p.grad).any() for p in params], params))
             staged.append((group, first, params, lr, init_only, *self._settings_plan(group, params)))
             first += len(group["params"])
-        flat = [p for s in staged for p in s[2]]
-        watched = [p for s in staged if not s[4] for p in s[7]]
+        flat = [p for s in staged if not s[0]["capturable"] for p in s[2]]
+        watched = [p for s in staged if not s[4] and not s[0]["capturable"] for p in s[7]]
         finite, same = self._read_flags(flat, watched)
         if self.nonfinite == "raise" and not all(finite):
             bad = [p for p, ok in zip(flat, finite) if not ok]
             raise FloatingPointError(f"non-finite gradient in {len(bad)} parameter(s) (first of shape "
                                      f"{tuple(bad[0].shape)}); nothing was updated")
-        ok = {id(p) for p, fine in zip(flat, finite) if fine}
+        ok = {id(p) for p, fine in zip(flat, finite) if fine} | {
+            id(p) for s in staged if s[0]["capturable"] for p in s[2]}  # decided on the device
         edited = {id(p) for p, kept in zip(watched, same) if not kept and id(p) in ok}
         if edited and self.external_edits == "raise":
             p = next(p for p in watched if id(p) in edited)
             raise RuntimeError(f"a weight of shape {tuple(p.shape)} ({len(edited)} in all) was changed outside "
                                f"{name} since its last step; nothing was updated (pass external_edits='rebase' to "
                                "rebuild its factors on the weight as it is)")
+        captured = [p for s in staged if s[0]["capturable"] for p in s[2]]  # one device flag for all of them
+        all_fine = finite_flags([to_local(p.grad) for p in captured]).all() if captured else None
         plans = []
         for group, first, params, lr, init_only, switch, rebuild, _ in staged:
             kept = [p for p in params if id(p) in ok]
             rebase = [p for p in kept if id(p) in edited]
+            fine = all_fine if group["capturable"] and params else None
             plans.append(GroupPlan(group, first, kept, lr, init_only, [p for p in switch if id(p) in ok],
                                    [p for p in rebuild if id(p) in ok and id(p) not in edited], rebase,
-                                   len(params) - len(kept)))
+                                   len(params) - len(kept), fine))
         return plans
+
+    def _check_capturable(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """What a capturable step needs of the stepped parameters, checked before anything changes: no DTensor
+        (FSDP2), and AdamW-routed tensors that torch's fused kernel takes (contiguous, with contiguous gradients,
+        on a device it has the kernel for): it skips a non-finite step on the device."""
+        for p in params:
+            if is_dtensor(p):
+                raise ValueError(f"capturable=True: a DTensor parameter of shape {tuple(p.shape)} (FSDP2) is not "
+                                 "supported; pass capturable=False")
+            if not is_factorized(p, group) and not (p.is_contiguous() and p.grad.is_contiguous()
+                                                    and fused_supported([p])):
+                raise ValueError(f"capturable=True: the AdamW-routed parameter of shape {tuple(p.shape)} must be a "
+                                 "contiguous tensor with a contiguous gradient on a device with torch's fused "
+                                 "AdamW kernel, which skips a non-finite step on the device")
 
     def _read_flags(self, flat: list[torch.Tensor], watched: list[torch.Tensor]) -> tuple[list[bool], list[bool]]:
         """(whether each gradient of ``flat`` is finite, whether each ``watched`` weight is as the optimizer
@@ -277,11 +304,14 @@ class FactorOptimizer(Optimizer):
                 return
             dense = [p for p in params if not is_factorized(p, group)]
             if dense:
-                self._dense_step(group, dense, gp.lr)
+                self._dense_step(group, dense, gp.lr, gp.ok)
             if fact:
                 grads = [to_local(p.grad) for p in fact]
                 grads = [-g for g in grads] if group["maximize"] else grads
-                self._factor_step(group, fact, grads, gp.lr)
+                if gp.ok is None:
+                    self._factor_step(group, fact, grads, gp.lr)
+                else:
+                    self._factor_step(group, fact, grads, gp.lr, ok=gp.ok)
         finally:
             if sharded:
                 scatter(self, sharded)
@@ -344,18 +374,22 @@ class FactorOptimizer(Optimizer):
             return True
         return any(to_local(p).device.type != "cpu" for p in params)
 
-    def _dense_step(self, group: dict[str, Any], params: list[torch.Tensor], lr: float) -> None:
+    def _dense_step(self, group: dict[str, Any], params: list[torch.Tensor], lr: float,
+                    ok: torch.Tensor | None = None) -> None:
         """AdamW (decoupled decay) on ``params`` with the group's hyperparameters and flags; one tensor at a time
-        on the loop path (bounded temporary memory), all at once on the foreach and fused paths."""
+        on the loop path (bounded temporary memory), all at once on the foreach and fused paths. ``ok`` (a
+        capturable step): the fused kernel, which leaves everything as it is on the device where ``ok`` is False."""
         locs = [to_local(p) for p in params]
-        impl = choose_impl(locs, foreach=group["foreach"], fused=group["fused"], own=False)
+        impl = "fused" if ok is not None else choose_impl(locs, foreach=group["foreach"], fused=group["fused"],
+                                                          own=False)
         for p, loc in zip(params, locs):
             if not self.state[p]:
                 self.state[p].update(adam_state(p, fused=impl == "fused" and fused_supported([loc])))
         views = [local_state(self.state[p]) for p in params]
         beta1, beta2 = group["betas"]
         hyper = dict(impl=impl, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                     decoupled=True, amsgrad=False, maximize=group["maximize"])
+                     decoupled=True, amsgrad=False, maximize=group["maximize"],
+                     found_inf=None if ok is None else (~ok).float())
         runs = [[i] for i in range(len(params))] if impl == "single" else [list(range(len(params)))]
         for ix in runs:
             commit = prepared_adam([locs[i] for i in ix], [to_local(params[i].grad) for i in ix],
@@ -427,7 +461,7 @@ class FactorOptimizer(Optimizer):
                                  f"optimizer than {name}")
             filled = {**self.defaults, **sg}  # an older state_dict: missing hyperparameters take their defaults
             merged = {**filled, "params": group["params"]}
-            check_hyper(merged)
+            check_hyper(merged, self.CAPTURABLE)
             self._check_group(merged, [p for p in group["params"] if is_factorized(p, merged)])
             groups.append(filled)
             for sid, p in zip(sg["params"], group["params"]):

@@ -103,7 +103,7 @@ class ByKey:
         return out
 
     def owners(self, entry_owner: Sequence[int], device: torch.device | None = None) -> dict[Hashable, torch.Tensor]:
-        """Per key, the owner (``entry_owner[i]``: e.g. the weight's position) of every block of the cat."""
-        return {k: torch.repeat_interleave(torch.tensor([entry_owner[i] for i in ix], device=device),
-                                           torch.tensor([self.counts[i] for i in ix], device=device))
-                for k, ix in self.groups.items()}
+        """Per key, the owner (``entry_owner[i]``: e.g. the weight's position) of every block of the cat (made on
+        the host and copied: no device value is read)."""
+        return {k: torch.tensor([entry_owner[i] for i in ix for _ in range(self.counts[i])], dtype=torch.long,
+                                device=device) for k, ix in self.groups.items()}

@@ -47,8 +47,9 @@ def check_lr(lr: Any) -> None:
     check_number("lr", lr, low=0.0)
 
 
-def check_hyper(group: dict[str, Any]) -> None:
-    """The hyperparameters every geomopt optimizer shares (lr, betas, eps, weight_decay, torch's flags)."""
+def check_hyper(group: dict[str, Any], capturable: bool = False) -> None:
+    """The hyperparameters every geomopt optimizer shares (lr, betas, eps, weight_decay, torch's flags);
+    ``capturable``: whether the optimizer has a capturable step (it checks what that step needs itself)."""
     check_lr(group["lr"])
     check_number("eps", group["eps"], low=0.0)
     check_number("weight_decay", group["weight_decay"], low=0.0)
@@ -66,9 +67,12 @@ def check_hyper(group: dict[str, Any]) -> None:
             raise TypeError(f"{key} must be None or a bool, got {group[key]!r}")
     if group["foreach"] and group["fused"]:
         raise ValueError("foreach and fused cannot both be True")
-    if group["capturable"] is not False:
-        raise ValueError(f"capturable={group['capturable']!r} is not supported: a geomopt step reads values on the "
-                         "host (non-finite checks, the safeguard, merges), so it cannot be captured in a CUDA graph")
+    if not isinstance(group["capturable"], bool):
+        raise TypeError(f"capturable must be a bool, got {group['capturable']!r}")
+    if group["capturable"] and not capturable:
+        raise ValueError(f"capturable={group['capturable']!r} is not supported: this optimizer's step reads values "
+                         "on the host (non-finite checks, fingerprints), so it cannot be captured in a CUDA graph "
+                         "(POET's lean mode has a capturable step)")
     if group["differentiable"] is not False:
         raise ValueError(f"differentiable={group['differentiable']!r} is not supported: a geomopt step rewrites the "
                          "weights in place from factors it owns, outside autograd")

@@ -36,7 +36,9 @@ COMMON_ARGS_DOC = r"""
         products, one multi-tensor write: the calls do not grow with the layers) with ``foreach=True``, or
         ``fused=True`` and ``foreach`` unset, and by default on a GPU; ``foreach=False``, and the default on a CPU
         (where it is faster), step them one by one (equal to float64 rounding).
-    capturable, differentiable: torch's flags; only ``False`` is supported (a clear error otherwise).
+    capturable: torch's flag; ``True`` is POET's lean-mode step with its decisions on the device (no host read
+        unless it merges; README, "The capturable step"), refused (a clear error) everywhere else.
+    differentiable: torch's flag; only ``False`` is supported (a clear error otherwise).
 """
 
 

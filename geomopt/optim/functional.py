@@ -91,10 +91,13 @@ def new_denoms(exp_avg_sqs: list[torch.Tensor], impl: str) -> list[torch.Tensor]
 def adam(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
          exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor] | None, steps: list[torch.Tensor],
          denoms: list[torch.Tensor] | None, *, counts: list[float], lr: float, beta1: float, beta2: float,
-         eps: float, weight_decay: float, decoupled: bool, amsgrad: bool, impl: str) -> None:
+         eps: float, weight_decay: float, decoupled: bool, amsgrad: bool, impl: str,
+         found_inf: torch.Tensor | None = None) -> None:
     """One Adam / AdamW update of every tensor, in place (``grads`` from ``prepare_grads``, ``denoms`` from
     ``new_denoms``; ``steps``: the step counts, 0-d tensors, incremented here; ``counts``: their values after
-    this step, read beforehand, so that the update reads nothing back from a tensor)."""
+    this step, read beforehand, so that the update reads nothing back from a tensor). ``found_inf`` (fused path
+    only): a 0-d float tensor on the device, nonzero to leave every tensor as it is, step counts included,
+    decided on the device (torch's GradScaler protocol)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     maxs = max_exp_avg_sqs if amsgrad else [None] * len(params)
@@ -103,7 +106,9 @@ def adam(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[t
     if impl == "fused":
         if not all(t.is_contiguous() for x in (params, grads, exp_avgs, exp_avg_sqs) for t in x):
             raise ValueError("the fused path takes contiguous tensors only (prepared_adam routes the others)")
-        _fused(params, grads, exp_avgs, exp_avg_sqs, maxs, steps, **hyper)
+        _fused(params, grads, exp_avgs, exp_avg_sqs, maxs, steps, found_inf, **hyper)
+    elif found_inf is not None:
+        raise ValueError(f"found_inf is taken by the fused path only, not by {impl!r}")
     elif impl == "foreach":
         _foreach(params, grads, exp_avgs, exp_avg_sqs, maxs, steps, denoms, counts, **hyper)
     else:
@@ -150,8 +155,8 @@ def _foreach(params, grads, exp_avgs, exp_avg_sqs, maxs, steps, denoms, counts, 
     torch._foreach_addcdiv_(params, exp_avgs, denoms, [-lr / c[0] for c in corr])
 
 
-def _fused(params, grads, exp_avgs, exp_avg_sqs, maxs, steps, *, lr, beta1, beta2, eps, weight_decay, decoupled,
-           amsgrad) -> None:
+def _fused(params, grads, exp_avgs, exp_avg_sqs, maxs, steps, found_inf, *, lr, beta1, beta2, eps, weight_decay,
+           decoupled, amsgrad) -> None:
     kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
     by_key: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
@@ -163,7 +168,10 @@ def _fused(params, grads, exp_avgs, exp_avg_sqs, maxs, steps, *, lr, beta1, beta
         torch._foreach_add_(st, 1)  # the kernel reads the incremented counts, as torch's own fused path does
         kernel([params[i] for i in ix], [grads[i] for i in ix], [exp_avgs[i] for i in ix],
                [exp_avg_sqs[i] for i in ix], [maxs[i] for i in ix] if amsgrad else [], st, amsgrad=amsgrad, lr=lr,
-               beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=False)
+               beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=False,
+               found_inf=None if found_inf is None else found_inf.to(device))
+        if found_inf is not None:  # a skipped update does not count (as torch's fused Adam undoes it)
+            torch._foreach_sub_(st, [found_inf.to(device)] * len(st))
 
 
 def _ready_step(state: dict[str, Any], p: torch.Tensor, impl: str) -> torch.Tensor:
@@ -183,10 +191,15 @@ def _ready_step(state: dict[str, Any], p: torch.Tensor, impl: str) -> torch.Tens
 
 def prepared_adam(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, Any]], *,
                   impl: str, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                  decoupled: bool, amsgrad: bool, maximize: bool):
+                  decoupled: bool, amsgrad: bool, maximize: bool, found_inf: torch.Tensor | None = None):
     """Everything ``adam`` needs allocated now (gradients, buffers, step counts), and the update itself returned
-    as a function of no arguments that only writes in place: call it to commit."""
+    as a function of no arguments that only writes in place: call it to commit. ``found_inf``: see ``adam`` (the
+    fused path, contiguous tensors only)."""
     parts = {impl: list(range(len(params)))}
+    if found_inf is not None and (impl != "fused" or not all(t.is_contiguous() for p, g, s in zip(
+            params, grads, states) for t in (p, g, s["exp_avg"], s["exp_avg_sq"]))):
+        raise ValueError("a step decided on the device (found_inf) runs torch's fused kernel on contiguous tensors "
+                         "only")
     if impl == "fused":  # torch's CPU kernel ignores strides: those tensors take the loop
         strided = [i for i, (p, g, s) in enumerate(zip(params, grads, states))
                    if not all(t.is_contiguous() for t in (p, g, s["exp_avg"], s["exp_avg_sq"]))]
@@ -207,7 +220,7 @@ def prepared_adam(params: list[torch.Tensor], grads: list[torch.Tensor], states:
     def commit() -> None:
         for path, *tensors, counts in calls:
             if tensors[0]:
-                adam(*tensors, counts=counts, **hyper, impl=path)
+                adam(*tensors, counts=counts, **hyper, impl=path, found_inf=found_inf)
 
     return commit
 

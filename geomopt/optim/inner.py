@@ -97,13 +97,15 @@ class AdamRule:
         which torch.distributed.checkpoint needs to load into a template)."""
         return adam_state(factor, self.amsgrad, fused=self._impl([factor], foreach, fused, True) == "fused")
 
-    def _call(self, params, grads, states, lr, foreach, fused, own) -> Callable[[], None]:
+    def _call(self, params, grads, states, lr, foreach, fused, own, found_inf=None) -> Callable[[], None]:
         return prepared_adam(params, grads, states, impl=self._impl(params, foreach, fused, own), lr=lr,
                              beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, weight_decay=self.weight_decay,
-                             decoupled=self.decoupled, amsgrad=self.amsgrad, maximize=False)
+                             decoupled=self.decoupled, amsgrad=self.amsgrad, maximize=False, found_inf=found_inf)
 
     def updated(self, factors: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, Any]],
-                lr: float, *, foreach: bool | None = None, fused: bool | None = None):
+                lr: float, *, foreach: bool | None = None, fused: bool | None = None,
+                found_inf: torch.Tensor | None = None):
+        """New factors and states (``found_inf``: a capturable step's device flag, see ``functional.adam``)."""
         if not factors:
             return [], []
         states = [s if s else self.fresh(f, foreach=foreach, fused=fused) for s, f in zip(states, factors)]
@@ -116,8 +118,8 @@ class AdamRule:
                 copies = copy_all(factors + tensors)
             new, rest = copies[: len(factors)], copies[len(factors):]
             new_states = [dict(zip(keys, rest[i * len(keys): (i + 1) * len(keys)])) for i in range(len(states))]
-        self._call(new, grads, new_states, lr, foreach, fused, True)()  # in place on the copies: on CPU cheaper
-        return new, new_states  # than torch's functional kernel
+        self._call(new, grads, new_states, lr, foreach, fused, True, found_inf)()  # in place on the copies: cheaper
+        return new, new_states  # on CPU than torch's functional kernel
 
     def update_(self, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, Any]],
                 lr: float, *, foreach: bool | None = None, fused: bool | None = None) -> Callable[[], None]:

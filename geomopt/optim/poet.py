@@ -15,6 +15,7 @@ from .checks import check_number, flag_defaults
 from .docs import fill_args_doc
 from .guard import deferred_interrupt
 from .inner import AdamRule
+from .poet_capture import device_resets, device_safeguard, keep_unless
 from .poet_step import (
     Group,
     Work,
@@ -132,6 +133,7 @@ class POETOptimizer(FactorOptimizer):
         ...     opt.step()
     """
 
+    CAPTURABLE = True
     STAT_KEYS = ("merges", "early_merges")
     STATE_MARKER = "perm_row"
     STRUCTURAL = ("block_size", "mode", "store_base", "row_shards", "neumann_terms", "exact_cayley")
@@ -157,6 +159,11 @@ class POETOptimizer(FactorOptimizer):
         super()._init_runtime()
         self._layout_cache: dict[int, tuple] = {}  # id(param) -> (weakref, key, layout); see _blocks
         self._stack_cache: dict[tuple, tuple] = {}  # a group's stacked index blocks; see make_groups
+
+    def _inner_flags(self, group: dict[str, Any]) -> tuple[bool | None, bool | None]:
+        """(foreach, fused) of the factors' Adam: the group's flags; a capturable step takes the fused kernel, which
+        skips a non-finite step on the device."""
+        return (None, True) if group["capturable"] else (group["foreach"], group["fused"])
 
     def _overwrites(self, group: dict[str, Any]) -> bool:
         return bool(group["store_base"])  # paper mode writes R W0 P; lean mode rotates W as it is
@@ -190,6 +197,25 @@ class POETOptimizer(FactorOptimizer):
             check_number("max_q_norm", group["max_q_norm"], low=0.0, low_open=True)
         if group["row_shards"] is not None:
             check_number("row_shards", group["row_shards"], low=1, integer=True)
+        if group["capturable"]:
+            self._check_capturable_group(group)
+
+    def _check_capturable_group(self, group: dict[str, Any]) -> None:
+        """What ``capturable=True`` needs (see ``poet_capture``): lean mode, a bound for the inverses, the skip
+        policy, and the factors on torch's fused Adam kernel."""
+        why = None
+        if group["store_base"]:
+            why = ("store_base=True (paper mode re-bases weights edited from outside and rewrites W0, decisions "
+                   "read on the host); pass store_base=False (lean mode)")
+        elif group["max_q_norm"] is None and not group["exact_cayley"]:
+            why = "max_q_norm=None (the inverses' fixed iterations rely on the bound); pass a max_q_norm"
+        elif self.nonfinite != "skip":
+            why = f"nonfinite={self.nonfinite!r} (raising needs a host read); pass nonfinite='skip'"
+        elif not isinstance(self._inner, AdamRule) or self._inner.kwargs.get("fused") is False or \
+                self._inner.kwargs.get("foreach"):
+            why = "an inner rule other than torch Adam / AdamW on its fused kernel"
+        if why is not None:
+            raise ValueError(f"capturable=True is not supported with {why}")
 
     # ------------------------------------------------------------------ where the row blocks live
     def _chunks(self, p: torch.Tensor, group: dict[str, Any]) -> int:
@@ -259,7 +285,8 @@ class POETOptimizer(FactorOptimizer):
             if shard is not None and side == "row":  # this rank's row blocks: a DTensor sharded on blocks
                 qs = [like(q[: q.shape[0] // shard.world], shard) for q in qs]
             out[f"q_{side}"] = qs
-            out[f"inner_{side}"] = [self._inner.fresh(q, foreach=group["foreach"], fused=group["fused"]) for q in qs]
+            foreach, fused = self._inner_flags(group)
+            out[f"inner_{side}"] = [self._inner.fresh(q, foreach=foreach, fused=fused) for q in qs]
         return out
 
     def _init_factor_state(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
@@ -302,7 +329,7 @@ class POETOptimizer(FactorOptimizer):
 
     # ------------------------------------------------------------------ step
     def _factor_step(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
-                     lr: float) -> None:
+                     lr: float, ok: torch.Tensor | None = None) -> None:
         """Step the weights in runs (``batching.chunks``): within a run, every block of one side and size is
         mapped, inverted, differentiated and bounded in one batched call, and with ``foreach`` the weights of one
         shape share their dense calls (``_step_run``)."""
@@ -317,7 +344,7 @@ class POETOptimizer(FactorOptimizer):
                   else 0) for w in works]
         cache, self._stack_cache = self._stack_cache, {}
         for run in chunks(list(zip(works, keys)), sizes, (batching.BATCH_ELEMENTS, batching.DENSE_ELEMENTS)):
-            self._step_run(group, make_groups(run, cache, self._stack_cache), lr)
+            self._step_run(group, make_groups(run, cache, self._stack_cache), lr, ok=ok)
 
     def _work(self, p: torch.Tensor, g: torch.Tensor, group: dict[str, Any]) -> Work:
         st = self.state[p]  # a row-sharded weight (FSDP2) works on its local rows: every row tensor is local
@@ -325,37 +352,42 @@ class POETOptimizer(FactorOptimizer):
         return Work(p, g, st, shard, rows, cols, [to_local(q) for q in st["q_row"]] + st["q_col"],
                     [local_state(s) for s in st["inner_row"]], factor_dtype(p))
 
-    def _step_run(self, group: dict[str, Any], groups: list[Group], lr: float, adaptive: bool = False) -> None:
+    def _step_run(self, group: dict[str, Any], groups: list[Group], lr: float, adaptive: bool = False,
+                  ok: torch.Tensor | None = None) -> None:
         """One batched step of the weights of ``groups``: new generators out of place, new rotations, then per
         group the new weights (out of place, or prepared in place) and their new state, committed together. The
         block inverses run a fixed number of Newton-Schulz iterations where the safeguard bounds their starting
         residual (no host read; whether they converged is read with the safeguard's flags); ``adaptive`` (or no
-        bound) iterates to convergence."""
+        bound) iterates to convergence. ``ok``: a capturable step, decided on the device (``poet_capture``)."""
         works = [w for gr in groups for w in gr.works]
         terms = None if group["exact_cayley"] else group["neumann_terms"]
         batch = ByKey([(side, idx.shape[1], q.dtype, q.device) for w in works
                        for (side, idx), q in zip(w.sides(), w.qs)], [q.shape[0] for w in works for q in w.qs])
-        bound = max((w.st.get("q_bound", group["max_q_norm"] or 0.0) for w in works), default=0.0)
+        bound = group["max_q_norm"] or 0.0
+        if ok is None:  # the bound the safeguard read last step
+            bound = max((w.st.get("q_bound", bound) for w in works), default=0.0)
         iterations = None if adaptive else inverse_iterations(group, works[0].fdtype, bound)
         old, inv, grads, converged, bases = generator_grads(groups, batch, terms, iterations,
                                                             keep_weights=not group["store_base"])
         inner = [s for w in works for s in w.inner_row + w.st["inner_col"]]
-        new_qs, new_inner = self._inner.updated([q for w in works for q in w.qs], grads, inner, lr,
-                                                foreach=group["foreach"], fused=group["fused"])
-        new_q = batch.cat(new_qs)
-        flags = [False] * len(works)
-        if group["max_q_norm"] is not None and terms is not None:
-            pairs = per_size(lambda q, b: rotation_and_bound(q, b, terms), new_q)
-            mats = {k: r for k, (r, _) in pairs.items()}
-            bounds, inverted = safeguard(group["max_q_norm"], works, batch,
-                                         {k: bd for k, (_, bd) in pairs.items()}, converged)
-            if not inverted:  # a state from elsewhere broke the bound the iterations assumed: nothing is
+        foreach, fused = self._inner_flags(group)
+        new_qs, new_inner = self._inner.updated([q for w in works for q in w.qs], grads, inner, lr, foreach=foreach,
+                                                fused=fused, found_inf=None if ok is None else (~ok).float())
+        if ok is None:
+            new = self._host_rotations(group, works, batch, batch.cat(new_qs), terms, converged)
+            if new is None:  # a state from elsewhere broke the bound the iterations assumed: nothing is
                 return self._step_run(group, groups, lr, adaptive=True)  # committed yet, so run again
-            flags = [bd > group["max_q_norm"] for bd in bounds]
+            mats, flags, bounds = new
+            resets = None
         else:
-            mats = per_size(lambda q, b: rotation(q, b, terms), new_q)
+            mats, take, reset = device_safeguard(group["max_q_norm"], works, batch, batch.cat(new_qs), terms, ok,
+                                                 converged)
+            flags, bounds = [False] * len(works), [bound] * len(works)  # max_q_norm bounds every weight's Q now
         if not group["store_base"]:  # D_new D_old^-1 = I + (D_new - D_old) D_old^-1: exactly I when Q did not move
             mats = {k: delta(k[0], mats[k], old[k], inv[k]) for k in mats}
+        if ok is not None:
+            mats = keep_unless(mats, take, works, batch)
+            resets = device_resets(works, reset, new_qs, new_inner)
         per, starts = batch.split(mats), batch.starts()  # views: what the safeguard writes into mats they show
         if any(flags):
             exact_for_flagged(group["store_base"], works, flags, batch, per, new_qs, old, inv)
@@ -371,6 +403,8 @@ class POETOptimizer(FactorOptimizer):
                 merges.append(flags[wi] or ups[-1]["since_merge"] >= group["merge_every"])
                 if group["max_q_norm"] is not None and terms is not None:  # the next step's inverses start from it
                     ups[-1]["q_bound"] = bounds[wi]
+                if resets is not None:
+                    ups[-1].update(resets[wi])
                 wi += 1
             first = pos - sum(len(w.qs) for w in gr.works)
             side_mats = group_mats(gr, batch, mats, per, starts, first)
@@ -385,6 +419,19 @@ class POETOptimizer(FactorOptimizer):
             if (stacked is not None and len(ps) > 1 and self._overwrites(group) and stacked.dtype == ps[0].dtype
                     and not any(id(p) in self._origin for p in ps)):  # the fingerprints from what was written
                 self._edits.record_stacked(ps, stacked)
+
+    def _host_rotations(self, group: dict[str, Any], works: list[Work], batch: ByKey, new_q: dict,
+                        terms: int | None, converged: torch.Tensor | None):
+        """(the new rotations per key, per weight whether the safeguard fires, per weight its bound), the flags
+        and bounds read in one host sync; None if the inverses did not converge."""
+        if group["max_q_norm"] is None or terms is None:
+            return per_size(lambda q, b: rotation(q, b, terms), new_q), [False] * len(works), None
+        pairs = per_size(lambda q, b: rotation_and_bound(q, b, terms), new_q)
+        bounds, inverted = safeguard(group["max_q_norm"], works, batch, {k: bd for k, (_, bd) in pairs.items()},
+                                     converged)
+        if not inverted:
+            return None
+        return {k: r for k, (r, _) in pairs.items()}, [bd > group["max_q_norm"] for bd in bounds], bounds
 
     def _merged(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], w_new: torch.Tensor | None,
                 early: bool) -> dict[str, Any]:

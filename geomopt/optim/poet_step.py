@@ -29,7 +29,7 @@ from .sharded import all_reduce, like, reduce_over_meshes, shard_state, to_local
 
 __all__ = ["Work", "Group", "group_key", "make_groups", "rotation", "rotation_and_bound", "rotations",
            "per_size", "delta", "apply_blocks", "block_grads", "rewrite", "generator_grads", "safeguard", "new_factors",
-           "group_mats", "exact_for_flagged", "inverse_iterations"]
+           "group_mats", "exact_for_flagged", "inverse_iterations", "entry_owners", "weight_bounds"]
 
 
 class Work(NamedTuple):
@@ -286,6 +286,26 @@ def generator_grads(groups: list[Group], batch: ByKey, terms: int | None, iterat
     return old, inv, grads, converged, bases
 
 
+def entry_owners(works: list[Work], batch: ByKey, device: torch.device) -> dict[Hashable, torch.Tensor]:
+    """Per key of ``batch``, the position in ``works`` of the weight each block belongs to."""
+    return batch.owners([i for i, w in enumerate(works) for _ in w.qs], device)
+
+
+def weight_bounds(works: list[Work], batch: ByKey, block_bounds: dict) -> torch.Tensor:
+    """(len(works),) on the device: per weight the largest of its blocks' bounds (``block_bounds``, per key of
+    ``batch``; the maximum over a sharded weight's ranks)."""
+    first = next(iter(block_bounds.values()))
+    dtype = functools.reduce(torch.promote_types, [v.dtype for v in block_bounds.values()])
+    bounds = torch.zeros(len(works), dtype=dtype, device=first.device)
+    owners = entry_owners(works, batch, bounds.device)
+    for k, v in block_bounds.items():
+        bounds.scatter_reduce_(0, owners[k], v.to(bounds.device, dtype), "amax")
+    sharded = [w.p if w.shard is not None else None for w in works]
+    if any(x is not None for x in sharded):  # a weight's row blocks are spread over its ranks
+        bounds = reduce_over_meshes(bounds, sharded, torch.distributed.ReduceOp.MAX)
+    return bounds
+
+
 def safeguard(limit: float, works: list[Work], batch: ByKey, block_bounds: dict,
               converged: torch.Tensor | None = None) -> tuple[list[float], bool]:
     """Per weight: the bound on the spectral norm of its updated generators (``block_bounds``: per key of
@@ -293,15 +313,7 @@ def safeguard(limit: float, works: list[Work], batch: ByKey, block_bounds: dict,
     ``limit``; and ``converged`` (the inverses' device flag, or True), read in the same host sync."""
     if not block_bounds:
         return [0.0] * len(works), True if converged is None else bool(converged)
-    first = next(iter(block_bounds.values()))
-    dtype = functools.reduce(torch.promote_types, [v.dtype for v in block_bounds.values()])
-    bounds = torch.zeros(len(works), dtype=dtype, device=first.device)
-    owners = batch.owners([i for i, w in enumerate(works) for _ in w.qs], bounds.device)
-    for k, v in block_bounds.items():
-        bounds.scatter_reduce_(0, owners[k], v.to(bounds.device, dtype), "amax")
-    sharded = [w.p if w.shard is not None else None for w in works]
-    if any(x is not None for x in sharded):  # a weight's row blocks are spread over its ranks
-        bounds = reduce_over_meshes(bounds, sharded, torch.distributed.ReduceOp.MAX)
+    bounds = weight_bounds(works, batch, block_bounds)
     if converged is not None:
         bounds = torch.cat([bounds, converged.reshape(1).to(bounds)])
     read = bounds.tolist()

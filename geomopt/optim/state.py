@@ -37,9 +37,12 @@ class Spec:
 
 
 class Count(Spec):
-    """An int >= 0 (a counter)."""
+    """An int >= 0 (a counter), or a 0-d integer tensor holding one (a capturable step counts on the device)."""
 
     def check(self, value):
+        if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+                and value.dtype != torch.bool:
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             return "must be an int >= 0"
         return None
