@@ -55,8 +55,8 @@ ADAMW = {  # torch's AdamW, the baselines: fused is the strongest a user has
     "adamw-foreach": dict(foreach=True),
     "adamw-loop": dict(foreach=False),
 }
-DEFAULT = ("adamw-fused,adamw-foreach,adamw-loop,poet,poet+fused,poet-lean,poet-lean+fused,poet-lean+capturable,relora,"
-           "relora+fused,dlra")
+DEFAULT = ("adamw-fused,adamw-foreach,adamw-loop,poet,poet+fused,poet-lean,poet-lean+fused,poet-lean+fused+capturable,"
+           "relora,relora+fused,dlra")
 
 
 class StepCost(TorchDispatchMode):
@@ -107,10 +107,11 @@ def _make(name: str, args: argparse.Namespace) -> Callable[[torch.nn.Module], to
     """The constructor of ``name``; ``NAME+foreach`` / ``NAME+fused`` set that flag in every group (geomopt: the
     multi-tensor path, weights of one shape stepped together, which is the default on a GPU; ``+fused`` keeps the
     fused Adam kernel for the factors, as that default does); ``+capturable`` (POET lean mode) the step whose
-    decisions stay on the device."""
-    base, _, flag = name.partition("+")
-    if flag not in ("", "foreach", "fused", "capturable"):
-        raise SystemExit(f"--optimizers: unknown suffix {flag!r} in {name!r} (+foreach, +fused or +capturable)")
+    decisions stay on the device; suffixes combine (``poet-lean+fused+capturable``)."""
+    base, *flags = name.split("+")
+    for flag in flags:
+        if flag not in ("foreach", "fused", "capturable"):
+            raise SystemExit(f"--optimizers: unknown suffix {flag!r} in {name!r} (+foreach, +fused or +capturable)")
     if base in ADAMW:
         return lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01, **ADAMW[base])
     if base not in bench.OPTIMIZERS:
@@ -121,7 +122,7 @@ def _make(name: str, args: argparse.Namespace) -> Callable[[torch.nn.Module], to
     def build(m: torch.nn.Module) -> torch.optim.Optimizer:
         opt = make(m, lr, args)
         for group in opt.param_groups:
-            if flag:
+            for flag in flags:
                 group[flag] = True
         return opt
 
