@@ -1,7 +1,8 @@
-"""POET's capturable step (``capturable=True``, lean mode): its decisions are taken on the device, so a step that
+"""POET's capturable step (``capturable=True``, both modes): its decisions are taken on the device, so a step that
 merges nothing reads no device value (counted with the step-cost meter); it equals the host-decided step in
 float64 where both decide alike, and where they differ by design (the safeguard keeps the permutations, a
-non-finite gradient skips the whole step) it keeps the invariants: orthogonal rotations, bit-identical skips."""
+non-finite gradient skips the whole step, an edited weight is re-based without a step) it keeps the invariants:
+orthogonal rotations, bit-identical skips, the user's edit kept."""
 import copy
 import os
 import sys
@@ -17,6 +18,7 @@ import step_cost  # noqa: E402
 
 SHAPES = [(20, 13), (20, 20), (20, 20), (20, 20), (12, 20), (12, 12)]  # ragged blocks of 8, groups of one shape
 LEAN = dict(lr=2e-2, block_size=8, merge_every=5, store_base=False)
+MODES = {"lean": {}, "paper": dict(store_base=True)}
 SYNC_OPS = ("_local_scalar_dense", "nonzero", "equal", "is_nonzero", "item", "Tensor.tolist")
 
 
@@ -33,11 +35,13 @@ def _state_tensors(opt):
     return out
 
 
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("flags", [dict(foreach=True), dict(foreach=False), dict(exact_cayley=True),
                                    dict(neumann_terms=4, foreach=True)])
-def test_capturable_step_equals_the_host_step(flags, float64):
-    host, ref = train_chain(lambda ps: geomopt.POET(ps, **LEAN, **flags), SHAPES, steps=12)
-    dev, opt = train_chain(lambda ps: geomopt.POET(ps, **LEAN, **flags, capturable=True), SHAPES, steps=12)
+def test_capturable_step_equals_the_host_step(flags, mode, float64):
+    flags = {**flags, **MODES[mode]}
+    host, ref = train_chain(lambda ps: geomopt.POET(ps, **{**LEAN, **flags}), SHAPES, steps=12)
+    dev, opt = train_chain(lambda ps: geomopt.POET(ps, **{**LEAN, **flags}, capturable=True), SHAPES, steps=12)
     assert ref.stats["merges"] > 0 and opt.stats == ref.stats
     for a, b in zip(dev, host):
         assert (a - b).abs().max() <= 1e-12 * b.abs().max()
@@ -70,22 +74,24 @@ def _meter_steps(opt, layers, scale, steps):
     return out
 
 
-@pytest.mark.parametrize("flags", [dict(foreach=True), dict(foreach=False), dict(exact_cayley=True)])
+@pytest.mark.parametrize("flags", [dict(foreach=True), dict(foreach=False), dict(exact_cayley=True),
+                                   dict(store_base=True, foreach=True), dict(store_base=True, foreach=False)])
 def test_a_step_that_merges_nothing_reads_no_device_value(flags):
     layers, scale = make_chain(SHAPES)
     groups = [{"params": list(layers.named_parameters())}, {"params": [("scale", scale)], "factorize": False}]
-    opt = geomopt.POET(groups, **{**LEAN, "merge_every": 4}, capturable=True, **flags)
+    opt = geomopt.POET(groups, **{**LEAN, "merge_every": 4, **flags}, capturable=True)
     meters = _meter_steps(opt, layers, scale, 8)
     for i, m in enumerate(meters):
         syncs = {k: v for k, v in m.by_op.items() if k in SYNC_OPS}
         if (i + 1) % 4:  # no merge in this step
             assert m.syncs == 0, syncs
-    host = geomopt.POET(groups, **{**LEAN, "merge_every": 4}, **flags)
+    host = geomopt.POET(groups, **{**LEAN, "merge_every": 4, **flags})
     assert all(m.syncs > 0 for m in _meter_steps(host, layers, scale, 2))  # the host step reads: the meter sees it
 
 
-def test_the_safeguard_rotates_exactly_and_merges_on_the_device(float64):
-    kw = dict(LEAN, lr=0.3, max_q_norm=0.5, merge_every=100)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_the_safeguard_rotates_exactly_and_merges_on_the_device(mode, float64):
+    kw = dict(LEAN, lr=0.3, max_q_norm=0.5, merge_every=100, **MODES[mode])
     layers, scale = make_chain(SHAPES)
     before = [layer.weight.detach().clone() for layer in layers]
     _, ref = train_chain(lambda ps: geomopt.POET(ps, **kw, foreach=True), SHAPES, steps=1)
@@ -103,10 +109,13 @@ def test_the_safeguard_rotates_exactly_and_merges_on_the_device(float64):
         for inner in st["inner_row"] + st["inner_col"]:
             assert float(inner["step"]) == 0 and not inner["exp_avg"].any() and not inner["exp_avg_sq"].any()
         assert isinstance(st["early_merges"], torch.Tensor) and int(st["early_merges"]) == 1
+        if mode == "paper":  # merged: W0 is the new weight
+            assert torch.equal(st["w0"], next(p for p in opt.state if opt.state[p] is st).detach())
 
 
-def test_a_non_finite_gradient_skips_the_whole_step_on_the_device(float64):
-    kw = dict(LEAN, merge_every=100)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_non_finite_gradient_skips_the_whole_step_on_the_device(mode, float64):
+    kw = dict(LEAN, merge_every=100, **MODES[mode])
     layers, scale = make_chain(SHAPES)
     params = [(f"layers.{i}.weight", layer.weight) for i, layer in enumerate(layers)] + [("scale", scale)]
     opt = geomopt.POET(params, **kw, capturable=True, foreach=True)
@@ -174,7 +183,7 @@ def test_state_dict_and_deepcopy_round_trip(float64):
 
 
 @pytest.mark.parametrize("kwargs,why", [
-    (dict(), "store_base=True"),
+    (dict(external_edits="raise"), "external_edits='raise'"),
     (dict(store_base=False, max_q_norm=None), "max_q_norm=None"),
     (dict(store_base=False, nonfinite="raise"), "nonfinite='raise'"),
     (dict(store_base=False, inner=torch.optim.SGD), "an inner rule other than torch Adam"),
@@ -199,3 +208,41 @@ def test_a_strided_adamw_routed_tensor_is_refused_before_anything_changes():
     with pytest.raises(ValueError, match=r"AdamW-routed parameter of shape \(10,\) must be a contiguous"):
         opt.step()
     assert torch.equal(w, before) and not opt.state
+
+
+def test_paper_mode_re_bases_an_edited_weight_on_the_device_and_keeps_the_edit(float64):
+    edits = {}
+
+    def edit(step, layers):
+        if step == 4:
+            with torch.no_grad():
+                layers[1].weight.mul_(1.5)
+            edits["after"] = layers[1].weight.detach().clone()
+
+    kw = dict(LEAN, store_base=True, merge_every=100)
+    seen = {}
+
+    def make(ps):
+        seen["opt"] = opt = geomopt.POET(ps, **kw, capturable=True, foreach=True)
+        opt.register_step_post_hook(lambda o, a, k: seen.setdefault(len(seen), [
+            p.detach().clone() for p in o.param_groups[0]["params"]]))
+        return opt
+
+    train_chain(make, SHAPES, steps=5, edit=edit)
+    opt, after_edit_step = seen["opt"], seen[5]
+    p = opt.param_groups[0]["params"][1]
+    assert torch.equal(after_edit_step[1], edits["after"])  # the user's edit stands, the step did not move it
+    st = opt.state[p]
+    assert torch.equal(st["w0"], edits["after"]) and all(not q.any() for q in st["q_row"] + st["q_col"])
+    assert opt.stats["rebases"] == 1 and opt.stats["early_merges"] == 0
+    others = [i for i in range(len(SHAPES)) if i != 1]
+    assert all(not torch.equal(after_edit_step[i], seen[4][i]) for i in others)  # the others stepped
+    # and the next step trains it again from there, as the plain step would from its re-based factors
+    x = torch.randn(8, SHAPES[0][1])
+    opt.zero_grad()
+    h = x
+    for w in [q for q in opt.param_groups[0]["params"] if q.dim() == 2]:
+        h = torch.tanh(h @ w.T)
+    h.sum().backward()
+    opt.step()
+    assert not torch.equal(p.detach(), edits["after"]) and opt.stats["rebases"] == 1

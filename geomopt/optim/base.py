@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 
 from . import state as layout
 from .checks import check_grad, check_hyper, check_number, check_param, finite_flags, lr_value
+from .decisions import DeviceFlags, device_flags
 from .edits import Fingerprints
 from .functional import adam_state, choose_impl, fused_supported, prepared_adam
 from .guard import HeldInterrupt, Retry, plain_mode
@@ -46,7 +47,7 @@ class GroupPlan(NamedTuple):
     rebuild: list[torch.Tensor]  # group settings changed since the factors were built
     rebase: list[torch.Tensor]  # weight changed outside the optimizer
     skipped: int  # non-finite gradients skipped
-    ok: Any = None  # capturable groups: a 0-d device bool, whether every gradient is finite (the step applies it)
+    device: DeviceFlags | None = None  # capturable groups: the decisions on the device (the step applies them)
 
 
 class FactorOptimizer(Optimizer):
@@ -177,9 +178,9 @@ class FactorOptimizer(Optimizer):
             for gp in plans:
                 if gp.skipped:
                     gp.group["nonfinite_skips"] = gp.group.get("nonfinite_skips", 0) + gp.skipped
-            first = next((gp for gp in plans if gp.ok is not None), None)
+            first = next((gp for gp in plans if gp.device is not None), None)
             if first is not None:  # a step skipped on the device, counted there once (a 0-d tensor ``stats`` reads)
-                first.group["nonfinite_skips"] = (~first.ok).long() + first.group.get("nonfinite_skips", 0)
+                first.group["nonfinite_skips"] = (~first.device.ok).long() + first.group.get("nonfinite_skips", 0)
         return loss
 
     def _plan(self) -> list[GroupPlan]:
@@ -215,16 +216,15 @@ class FactorOptimizer(Optimizer):
             raise RuntimeError(f"a weight of shape {tuple(p.shape)} ({len(edited)} in all) was changed outside "
                                f"{name} since its last step; nothing was updated (pass external_edits='rebase' to "
                                "rebuild its factors on the weight as it is)")
-        captured = [p for s in staged if s[0]["capturable"] for p in s[2]]  # one device flag for all of them
-        all_fine = finite_flags([to_local(p.grad) for p in captured]).all() if captured else None
+        device = device_flags(self._edits, [p for s in staged if s[0]["capturable"] for p in s[2]],
+                              [p for s in staged if s[0]["capturable"] for p in s[7]])  # one set for all of them
         plans = []
         for group, first, params, lr, init_only, switch, rebuild, _ in staged:
             kept = [p for p in params if id(p) in ok]
             rebase = [p for p in kept if id(p) in edited]
-            fine = all_fine if group["capturable"] and params else None
             plans.append(GroupPlan(group, first, kept, lr, init_only, [p for p in switch if id(p) in ok],
                                    [p for p in rebuild if id(p) in ok and id(p) not in edited], rebase,
-                                   len(params) - len(kept), fine))
+                                   len(params) - len(kept), device if group["capturable"] and params else None))
         return plans
 
     def _check_capturable(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
@@ -304,14 +304,14 @@ class FactorOptimizer(Optimizer):
                 return
             dense = [p for p in params if not is_factorized(p, group)]
             if dense:
-                self._dense_step(group, dense, gp.lr, gp.ok)
+                self._dense_step(group, dense, gp.lr, None if gp.device is None else gp.device.ok)
             if fact:
                 grads = [to_local(p.grad) for p in fact]
                 grads = [-g for g in grads] if group["maximize"] else grads
-                if gp.ok is None:
+                if gp.device is None:
                     self._factor_step(group, fact, grads, gp.lr)
                 else:
-                    self._factor_step(group, fact, grads, gp.lr, ok=gp.ok)
+                    self._factor_step(group, fact, grads, gp.lr, device=gp.device)
         finally:
             if sharded:
                 scatter(self, sharded)

@@ -12,10 +12,11 @@ from . import state as layout
 from .base import FactorOptimizer
 from .batching import ByKey, chunks
 from .checks import check_number, flag_defaults
+from .decisions import DeviceFlags
 from .docs import fill_args_doc
 from .guard import deferred_interrupt
 from .inner import AdamRule
-from .poet_capture import device_resets, device_safeguard, keep_unless
+from .poet_capture import base_reset, device_resets, device_safeguard, keep_unless
 from .poet_step import (
     Group,
     Work,
@@ -204,9 +205,8 @@ class POETOptimizer(FactorOptimizer):
         """What ``capturable=True`` needs (see ``poet_capture``): lean mode, a bound for the inverses, the skip
         policy, and the factors on torch's fused Adam kernel."""
         why = None
-        if group["store_base"]:
-            why = ("store_base=True (paper mode re-bases weights edited from outside and rewrites W0, decisions "
-                   "read on the host); pass store_base=False (lean mode)")
+        if self.external_edits != "rebase":
+            why = f"external_edits={self.external_edits!r} (raising needs a host read); pass external_edits='rebase'"
         elif group["max_q_norm"] is None and not group["exact_cayley"]:
             why = "max_q_norm=None (the inverses' fixed iterations rely on the bound); pass a max_q_norm"
         elif self.nonfinite != "skip":
@@ -329,7 +329,7 @@ class POETOptimizer(FactorOptimizer):
 
     # ------------------------------------------------------------------ step
     def _factor_step(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
-                     lr: float, ok: torch.Tensor | None = None) -> None:
+                     lr: float, device: DeviceFlags | None = None) -> None:
         """Step the weights in runs (``batching.chunks``): within a run, every block of one side and size is
         mapped, inverted, differentiated and bounded in one batched call, and with ``foreach`` the weights of one
         shape share their dense calls (``_step_run``)."""
@@ -344,7 +344,7 @@ class POETOptimizer(FactorOptimizer):
                   else 0) for w in works]
         cache, self._stack_cache = self._stack_cache, {}
         for run in chunks(list(zip(works, keys)), sizes, (batching.BATCH_ELEMENTS, batching.DENSE_ELEMENTS)):
-            self._step_run(group, make_groups(run, cache, self._stack_cache), lr, ok=ok)
+            self._step_run(group, make_groups(run, cache, self._stack_cache), lr, device=device)
 
     def _work(self, p: torch.Tensor, g: torch.Tensor, group: dict[str, Any]) -> Work:
         st = self.state[p]  # a row-sharded weight (FSDP2) works on its local rows: every row tensor is local
@@ -353,41 +353,47 @@ class POETOptimizer(FactorOptimizer):
                     [local_state(s) for s in st["inner_row"]], factor_dtype(p))
 
     def _step_run(self, group: dict[str, Any], groups: list[Group], lr: float, adaptive: bool = False,
-                  ok: torch.Tensor | None = None) -> None:
+                  device: DeviceFlags | None = None) -> None:
         """One batched step of the weights of ``groups``: new generators out of place, new rotations, then per
         group the new weights (out of place, or prepared in place) and their new state, committed together. The
         block inverses run a fixed number of Newton-Schulz iterations where the safeguard bounds their starting
         residual (no host read; whether they converged is read with the safeguard's flags); ``adaptive`` (or no
-        bound) iterates to convergence. ``ok``: a capturable step, decided on the device (``poet_capture``)."""
+        bound) iterates to convergence. ``device``: a capturable step's flags, applied on the device
+        (``poet_capture``)."""
         works = [w for gr in groups for w in gr.works]
         terms = None if group["exact_cayley"] else group["neumann_terms"]
         batch = ByKey([(side, idx.shape[1], q.dtype, q.device) for w in works
                        for (side, idx), q in zip(w.sides(), w.qs)], [q.shape[0] for w in works for q in w.qs])
         bound = group["max_q_norm"] or 0.0
-        if ok is None:  # the bound the safeguard read last step
+        if device is None:  # the bound the safeguard read last step
             bound = max((w.st.get("q_bound", bound) for w in works), default=0.0)
         iterations = None if adaptive else inverse_iterations(group, works[0].fdtype, bound)
-        old, inv, grads, converged, bases = generator_grads(groups, batch, terms, iterations,
-                                                            keep_weights=not group["store_base"])
+        old, inv, grads, converged, bases = generator_grads(groups, batch, terms, iterations, keep_weights=(
+            not group["store_base"] or device is not None))  # paper mode's capturable step keeps W where it must
         inner = [s for w in works for s in w.inner_row + w.st["inner_col"]]
         foreach, fused = self._inner_flags(group)
         new_qs, new_inner = self._inner.updated([q for w in works for q in w.qs], grads, inner, lr, foreach=foreach,
-                                                fused=fused, found_inf=None if ok is None else (~ok).float())
-        if ok is None:
+                                                fused=fused, found_inf=None if device is None else (~device.ok).float())
+        take = rebased = None
+        if device is None:
             new = self._host_rotations(group, works, batch, batch.cat(new_qs), terms, converged)
             if new is None:  # a state from elsewhere broke the bound the iterations assumed: nothing is
                 return self._step_run(group, groups, lr, adaptive=True)  # committed yet, so run again
             mats, flags, bounds = new
             resets = None
         else:
-            mats, take, reset = device_safeguard(group["max_q_norm"], works, batch, batch.cat(new_qs), terms, ok,
-                                                 converged)
+            mats, take, merged = device_safeguard(group["max_q_norm"], works, batch, batch.cat(new_qs), terms,
+                                                 device.ok, converged)
+            if group["store_base"]:  # a weight changed from outside is re-based, not moved
+                edited = device.edited([w.p for w in works])
+                take, merged, rebased = take & ~edited, merged & ~edited, device.ok & edited
             flags, bounds = [False] * len(works), [bound] * len(works)  # max_q_norm bounds every weight's Q now
         if not group["store_base"]:  # D_new D_old^-1 = I + (D_new - D_old) D_old^-1: exactly I when Q did not move
             mats = {k: delta(k[0], mats[k], old[k], inv[k]) for k in mats}
-        if ok is not None:
-            mats = keep_unless(mats, take, works, batch)
-            resets = device_resets(works, reset, new_qs, new_inner)
+        if device is not None:
+            if not group["store_base"]:
+                mats = keep_unless(mats, take, works, batch)
+            resets = device_resets(works, merged, rebased, new_qs, new_inner)
         per, starts = batch.split(mats), batch.starts()  # views: what the safeguard writes into mats they show
         if any(flags):
             exact_for_flagged(group["store_base"], works, flags, batch, per, new_qs, old, inv)
@@ -409,8 +415,12 @@ class POETOptimizer(FactorOptimizer):
             first = pos - sum(len(w.qs) for w in gr.works)
             side_mats = group_mats(gr, batch, mats, per, starts, first)
             nrow = len(gr.rows)
+            mine = slice(wi - len(gr.works), wi)
             write, kept, stacked = rewrite(gr, side_mats[:nrow], side_mats[nrow:], group["store_base"],
-                                           [m and group["store_base"] for m in merges], base)
+                                           [m and group["store_base"] for m in merges], base,
+                                           take[mine] if rebased is not None else None)
+            if rebased is not None:  # paper mode, merged or re-based on the device: W0 <- the new weight
+                write = base_reset(gr.works, write, stacked, (merged | rebased)[mine])
             for w, up, merge, k, early in zip(gr.works, ups, merges, kept, flags[wi - len(gr.works): wi]):
                 if merge:
                     up.update(self._merged(w.p, {**w.st, **up}, group, k, early))

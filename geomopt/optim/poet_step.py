@@ -182,7 +182,7 @@ def _in_place(w: Work) -> bool:
 
 
 def rewrite(gr: Group, rows: list[torch.Tensor], cols: list[torch.Tensor], store_base: bool, keep: list[bool],
-            base: torch.Tensor | None = None):
+            base: torch.Tensor | None = None, take: torch.Tensor | None = None):
     """The group's new weights, as (write, kept, stacked): ``write()`` puts them into the weights and allocates nothing
     (the step calls it inside the group's commit); ``kept[i]`` is weight i's new value in the factor dtype where
     ``keep[i]`` (a merge follows: the new W0), else None; ``stacked`` the new weights as one (L, m, n) tensor in the
@@ -192,13 +192,16 @@ def rewrite(gr: Group, rows: list[torch.Tensor], cols: list[torch.Tensor], store
     One weight on the reference path with the weight in the factor dtype: the rotations run in place on the
     weight, their work tensors allocated here (``rotation_buffers``), no copy of W made. Otherwise (several
     weights, a kernel, a bf16 weight with fp32 factors) the new weights are computed on a stacked copy of the
-    bases (``base``: lean mode's stacked weights from ``block_grads``) and copied in by one multi-tensor copy."""
+    bases (``base``: lean mode's stacked weights from ``block_grads``) and copied in by one multi-tensor copy.
+    ``take`` (paper mode's capturable step, with ``base`` the stacked weights as they are): per weight, whether it
+    takes its new value or keeps its own, chosen on the device."""
     w = gr.works[0]
-    if len(gr.works) == 1 and _in_place(w):
+    current = base if take is not None else None
+    if len(gr.works) == 1 and _in_place(w) and take is None:
         write, kept = _rewrite_in_place(w, rows + cols, store_base, keep[0])
         return write, [kept], None
     targets = [to_local(x.p) for x in gr.works]
-    if store_base or base is None or len(gr.works) == 1:
+    if store_base or base is None or len(gr.works) == 1 or take is not None:
         src = [to_local(x.st["w0"]) for x in gr.works] if store_base else targets
         base = dense_stack(src, w.fdtype, private=True)
     lead, m, n = base.shape
@@ -214,6 +217,8 @@ def rewrite(gr: Group, rows: list[torch.Tensor], cols: list[torch.Tensor], store
             call("rotate_cols_", x[0], idx, e)
         else:
             x = call("rotate_cols", x[0], idx, e).unsqueeze(0)
+    if take is not None:
+        x = torch.where(take.view(-1, 1, 1), x, current)
     news = list(x.unbind(0))
     kept = [(new if lead == 1 else new.clone()) if k else None for new, k in zip(news, keep)]
     return functools.partial(torch._foreach_copy_, targets, news), kept, x
