@@ -23,11 +23,12 @@ from torch.optim import Optimizer
 
 from . import state as layout
 from .checks import check_grad, check_hyper, check_number, check_param, finite_flags, lr_value
-from .decisions import DeviceFlags, device_flags
+from .decisions import DeviceFlags, check_capturable_params, device_flags
 from .edits import Fingerprints
 from .functional import adam_state, choose_impl, fused_supported, prepared_adam
 from .guard import HeldInterrupt, Retry, plain_mode
 from .inner import inner_rule
+from .loading import checked_groups
 from .routing import build_param_groups, is_factorized
 from .sharded import gather, global_all, is_dtensor, local_state, scatter, to_local
 
@@ -195,7 +196,7 @@ class FactorOptimizer(Optimizer):
             for p in params:
                 check_grad(name, p)
             if group["capturable"]:
-                self._check_capturable(group, params)
+                check_capturable_params(group, params)
             lr = lr_value(group["lr"])
             init_only = not group["capturable"] and lr == 0 and all(
                 global_all([~to_local(p.grad).any() for p in params], params))
@@ -226,20 +227,6 @@ class FactorOptimizer(Optimizer):
                                    [p for p in rebuild if id(p) in ok and id(p) not in edited], rebase,
                                    len(params) - len(kept), device if group["capturable"] and params else None))
         return plans
-
-    def _check_capturable(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        """What a capturable step needs of the stepped parameters, checked before anything changes: no DTensor
-        (FSDP2), and AdamW-routed tensors that torch's fused kernel takes (contiguous, with contiguous gradients,
-        on a device it has the kernel for): it skips a non-finite step on the device."""
-        for p in params:
-            if is_dtensor(p):
-                raise ValueError(f"capturable=True: a DTensor parameter of shape {tuple(p.shape)} (FSDP2) is not "
-                                 "supported; pass capturable=False")
-            if not is_factorized(p, group) and not (p.is_contiguous() and p.grad.is_contiguous()
-                                                    and fused_supported([p])):
-                raise ValueError(f"capturable=True: the AdamW-routed parameter of shape {tuple(p.shape)} must be a "
-                                 "contiguous tensor with a contiguous gradient on a device with torch's fused "
-                                 "AdamW kernel, which skips a non-finite step on the device")
 
     def _read_flags(self, flat: list[torch.Tensor], watched: list[torch.Tensor]) -> tuple[list[bool], list[bool]]:
         """(whether each gradient of ``flat`` is finite, whether each ``watched`` weight is as the optimizer
@@ -443,39 +430,7 @@ class FactorOptimizer(Optimizer):
         a state_dict from an older version lacks take their defaults; saved dtypes are kept (torch casts every
         state tensor but ``step`` to the parameter's dtype: permutations, generator states and fp32 factors
         must survive)."""
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from optimizer.state_dict())")
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer has "
-                             f"{len(self.param_groups)}")
-        name, own = type(self).__name__, self._own_settings()
-        groups, pairs = [], []
-        for gi, (sg, group) in enumerate(zip(saved_groups, self.param_groups)):
-            if len(sg["params"]) != len(group["params"]):
-                raise ValueError(f"param group {gi}: state_dict has {len(sg['params'])} parameters, "
-                                 f"this optimizer has {len(group['params'])}")
-            lacking = [k for k in own if k not in sg and k not in self.ADDED_SETTINGS]
-            if lacking:
-                raise ValueError(f"param group {gi} of the state_dict lacks {lacking[:4]}: it comes from another "
-                                 f"optimizer than {name}")
-            filled = {**self.defaults, **sg}  # an older state_dict: missing hyperparameters take their defaults
-            merged = {**filled, "params": group["params"]}
-            check_hyper(merged, self.CAPTURABLE)
-            self._check_group(merged, [p for p in group["params"] if is_factorized(p, merged)])
-            groups.append(filled)
-            for sid, p in zip(sg["params"], group["params"]):
-                st = state_dict["state"].get(sid)
-                if st is None:
-                    continue
-                if not isinstance(st, dict):
-                    raise ValueError(f"state of parameter {sid} must be a dict, got {type(st).__name__}")
-                where = f"{name} state of a {tuple(p.shape)} weight (parameter {sid})"
-                if st and is_factorized(p, merged):
-                    layout.check(self._declared_layout(p, merged, st), st, where)
-                elif st:
-                    layout.check(layout.adamw_layout(tuple(p.shape)), st, where.replace(name, "AdamW"))
-                pairs.append((sid, p, merged))
+        groups, pairs = checked_groups(self, state_dict)
         super().load_state_dict({**state_dict, "param_groups": groups})
         for sid, p, merged in pairs:
             st = layout.copy_state(state_dict["state"][sid], p.device)

@@ -11,9 +11,11 @@ import torch
 
 from .checks import finite_flags
 from .edits import Fingerprints
-from .sharded import to_local
+from .functional import fused_supported
+from .routing import is_factorized
+from .sharded import is_dtensor, to_local
 
-__all__ = ["DeviceFlags", "device_flags"]
+__all__ = ["DeviceFlags", "device_flags", "check_capturable_params"]
 
 
 class DeviceFlags(NamedTuple):
@@ -42,3 +44,18 @@ def device_flags(edits: Fingerprints, stepped: list[torch.Tensor], watched: list
     if known:
         changed = torch.cat([~same.to(ok.device), changed])
     return DeviceFlags(ok, changed, {id(watched[i]): j for j, i in enumerate(known)})
+
+
+def check_capturable_params(group: dict, params: list[torch.Tensor]) -> None:
+    """What a capturable step needs of the stepped parameters, checked before anything changes: no DTensor
+    (FSDP2), and AdamW-routed tensors that torch's fused kernel takes (contiguous, with contiguous gradients, on a
+    device it has the kernel for): it skips a non-finite step on the device."""
+    for p in params:
+        if is_dtensor(p):
+            raise ValueError(f"capturable=True: a DTensor parameter of shape {tuple(p.shape)} (FSDP2) is not "
+                             "supported; pass capturable=False")
+        if not is_factorized(p, group) and not (p.is_contiguous() and p.grad.is_contiguous()
+                                                and fused_supported([p])):
+            raise ValueError(f"capturable=True: the AdamW-routed parameter of shape {tuple(p.shape)} must be a "
+                             "contiguous tensor with a contiguous gradient on a device with torch's fused AdamW "
+                             "kernel, which skips a non-finite step on the device")

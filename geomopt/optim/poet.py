@@ -2,21 +2,23 @@
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from ..geometry import block_layout, block_sizes, skew_size
+from ..geometry import skew_size
 from . import batching
+from . import poet_settings as settings
 from . import state as layout
 from .base import FactorOptimizer
 from .batching import ByKey, chunks
-from .checks import check_number, flag_defaults
+from .checks import flag_defaults
 from .decisions import DeviceFlags
 from .docs import fill_args_doc
 from .guard import deferred_interrupt
 from .inner import AdamRule
 from .poet_capture import base_reset, device_resets, device_safeguard, keep_unless
+from .poet_settings import SIDES, check_capturable, check_group
 from .poet_step import (
     Group,
     Work,
@@ -26,51 +28,30 @@ from .poet_step import (
     generator_grads,
     group_key,
     group_mats,
+    host_rotations,
     inverse_iterations,
     make_groups,
     new_factors,
-    per_size,
     rewrite,
-    rotation,
-    rotation_and_bound,
     rotations,
-    safeguard,
 )
 from .sharded import like, local_state, row_shard, to_local
 from .state import factor_dtype
 
 __all__ = ["POETOptimizer", "POET"]
 
-MODES = ("bs", "fs")
-_SIDES = ("row", "col")
 
-
-DEFAULT_BLOCK = 256
-
-
-def _side_block(dim: int, group: dict[str, Any]) -> int:
-    b = group["block_size"]
-    if b is None:
-        return DEFAULT_BLOCK
-    if isinstance(b, float):  # fully stochastic: a fraction of the dimension
-        return max(2, int(round(b * dim)))
-    return b
-
-
-def _layout(perm: torch.Tensor, group: dict[str, Any], chunks: int = 1) -> list[torch.Tensor]:
-    """Index blocks of one side: ``perm`` cut into ``chunks`` equal consecutive parts, each blocked on its own
-    (the row permutation's scope; 1 = the whole side), the parts' blocks of one size concatenated."""
-    if chunks == 1:
-        return block_layout(perm, _side_block(perm.numel(), group), group["mode"] == "fs")
-    parts = [block_layout(c, _side_block(c.numel(), group), False) for c in perm.chunk(chunks)]
-    return [torch.cat(blocks) for blocks in zip(*parts)]
-
-
-def _sizes(dim: int, group: dict[str, Any], chunks: int = 1) -> list[tuple[int, int]]:
-    """[(blocks, b), ...] of a side of ``dim`` indices cut into ``chunks`` parts (see ``_layout``)."""
-    part = dim // chunks
-    return [(nb * chunks, b) for nb, b in block_sizes(part, _side_block(part, group), group["mode"] == "fs")]
-
+class _Decided(NamedTuple):
+    """What ``POETOptimizer._decide`` gives the commit: the new rotations per key and per entry (views), per weight
+    whether the safeguard fired on the host and its bound; a capturable paper-mode step's per-weight device flags
+    (new weight taken, W0 set to it), else None; the counters of the weights merged on the device, else None."""
+    mats: dict
+    per: list
+    flags: list
+    bounds: Any
+    take: torch.Tensor | None
+    merged: torch.Tensor | None
+    resets: list | None
 
 @fill_args_doc
 class POETOptimizer(FactorOptimizer):
@@ -171,51 +152,9 @@ class POETOptimizer(FactorOptimizer):
 
     # ------------------------------------------------------------------ arguments
     def _check_group(self, group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
-        mode = group["mode"]
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        b = group["block_size"]
-        if b is None:
-            b = DEFAULT_BLOCK
-        elif isinstance(b, bool) or not isinstance(b, (int, float)):
-            raise TypeError(f"block_size must be an int (or a float fraction in 'fs' mode), got {b!r}")
-        if isinstance(b, float):
-            if mode != "fs":
-                raise TypeError(f"block_size must be an int in 'bs' mode, got {b!r}")
-            if not 0.0 < b <= 1.0:
-                raise ValueError(f"block_size as a fraction must be in (0, 1], got {b!r}")
-        elif b < 2:
-            raise ValueError(f"block_size must be >= 2, got {b!r}")
-        elif group["block_size"] is not None and factorized and all(b > max(p.shape) for p in factorized):
-            largest = max(max(p.shape) for p in factorized)
-            raise ValueError(f"block_size={b} is larger than every routed weight (largest dimension {largest})")
-        check_number("neumann_terms", group["neumann_terms"], low=1, integer=True)
-        check_number("merge_every", group["merge_every"], low=1, integer=True)
-        for key in ("exact_cayley", "store_base", "factorize"):
-            if not isinstance(group[key], bool):
-                raise TypeError(f"{key} must be a bool, got {group[key]!r}")
-        if group["max_q_norm"] is not None:
-            check_number("max_q_norm", group["max_q_norm"], low=0.0, low_open=True)
-        if group["row_shards"] is not None:
-            check_number("row_shards", group["row_shards"], low=1, integer=True)
+        check_group(group, factorized)
         if group["capturable"]:
-            self._check_capturable_group(group)
-
-    def _check_capturable_group(self, group: dict[str, Any]) -> None:
-        """What ``capturable=True`` needs (see ``poet_capture``): lean mode, a bound for the inverses, the skip
-        policy, and the factors on torch's fused Adam kernel."""
-        why = None
-        if self.external_edits != "rebase":
-            why = f"external_edits={self.external_edits!r} (raising needs a host read); pass external_edits='rebase'"
-        elif group["max_q_norm"] is None and not group["exact_cayley"]:
-            why = "max_q_norm=None (the inverses' fixed iterations rely on the bound); pass a max_q_norm"
-        elif self.nonfinite != "skip":
-            why = f"nonfinite={self.nonfinite!r} (raising needs a host read); pass nonfinite='skip'"
-        elif not isinstance(self._inner, AdamRule) or self._inner.kwargs.get("fused") is False or \
-                self._inner.kwargs.get("foreach"):
-            why = "an inner rule other than torch Adam / AdamW on its fused kernel"
-        if why is not None:
-            raise ValueError(f"capturable=True is not supported with {why}")
+            check_capturable(group, self.nonfinite, self.external_edits, self._inner)
 
     # ------------------------------------------------------------------ where the row blocks live
     def _chunks(self, p: torch.Tensor, group: dict[str, Any]) -> int:
@@ -252,10 +191,10 @@ class POETOptimizer(FactorOptimizer):
         shard = row_shard(p) if self._steps_shard(p, group) else None
         perm_row = to_local(st["perm_row"])
         if shard is not None:
-            rows = _layout(perm_row - shard.offset, group)
+            rows = settings.layout(perm_row - shard.offset, group)
         else:
-            rows = _layout(perm_row, group, self._chunks(p, group))
-        return shard, rows, _layout(st["perm_col"], group)
+            rows = settings.layout(perm_row, group, self._chunks(p, group))
+        return shard, rows, settings.layout(st["perm_col"], group)
 
     # ------------------------------------------------------------------ state
     def _perms(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
@@ -279,9 +218,10 @@ class POETOptimizer(FactorOptimizer):
         fdtype = factor_dtype(p)
         shard = row_shard(p) if self._steps_shard(p, group) else None
         out: dict[str, Any] = {}
-        for side, dim in zip(_SIDES, p.shape):
+        for side, dim in zip(SIDES, p.shape):
             chunks = self._chunks(p, group) if side == "row" else 1
-            qs = [torch.zeros(nb, skew_size(b), dtype=fdtype, device=p.device) for nb, b in _sizes(dim, group, chunks)]
+            qs = [torch.zeros(nb, skew_size(b), dtype=fdtype, device=p.device)
+                  for nb, b in settings.sizes(dim, group, chunks)]
             if shard is not None and side == "row":  # this rank's row blocks: a DTensor sharded on blocks
                 qs = [like(q[: q.shape[0] // shard.world], shard) for q in qs]
             out[f"q_{side}"] = qs
@@ -318,9 +258,9 @@ class POETOptimizer(FactorOptimizer):
                                    step=layout.Count(), since_merge=layout.Count(), merges=layout.Count(),
                                    early_merges=layout.Count(), built_with=layout.Optional(layout.Settings()),
                                    q_bound=layout.Optional(layout.Bound()))
-        for side, dim in zip(_SIDES, p.shape):
+        for side, dim in zip(SIDES, p.shape):
             chunks = self._chunks(p, group) if side == "row" else 1
-            shapes = [(nb, skew_size(b)) for nb, b in _sizes(dim, group, chunks)]
+            shapes = [(nb, skew_size(b)) for nb, b in settings.sizes(dim, group, chunks)]
             out[f"q_{side}"] = layout.FloatsList(shapes)
             out[f"inner_{side}"] = layout.InnerList(shapes, keys)
         if group["store_base"]:
@@ -374,16 +314,28 @@ class POETOptimizer(FactorOptimizer):
         foreach, fused = self._inner_flags(group)
         new_qs, new_inner = self._inner.updated([q for w in works for q in w.qs], grads, inner, lr, foreach=foreach,
                                                 fused=fused, found_inf=None if device is None else (~device.ok).float())
-        take = rebased = None
+        plan = self._decide(group, works, batch, new_qs, new_inner, (old, inv), terms, converged, bound, device)
+        if plan is None:  # a state from elsewhere broke the bound the iterations assumed: nothing is
+            return self._step_run(group, groups, lr, adaptive=True)  # committed yet, so run again
+        del old, inv
+        self._commit_groups(group, groups, bases, batch, plan, new_qs, new_inner, terms)
+
+    def _decide(self, group: dict[str, Any], works: list[Work], batch: ByKey, new_qs: list, new_inner: list,
+                olds: tuple, terms: int | None, converged: torch.Tensor | None, bound: float,
+                device: DeviceFlags | None) -> "_Decided | None":
+        """The new rotations (lean mode: the incremental ones) and what each weight does, read on the host
+        (``poet_step.host_rotations``; None: the inverses did not converge) or decided on the device (``poet_capture``:
+        the zeroed factors of the weights merged there are written into ``new_qs`` / ``new_inner``)."""
+        old, inv = olds
+        take = rebased = merged = resets = None
         if device is None:
-            new = self._host_rotations(group, works, batch, batch.cat(new_qs), terms, converged)
-            if new is None:  # a state from elsewhere broke the bound the iterations assumed: nothing is
-                return self._step_run(group, groups, lr, adaptive=True)  # committed yet, so run again
+            new = host_rotations(group["max_q_norm"], works, batch, batch.cat(new_qs), terms, converged)
+            if new is None:
+                return None
             mats, flags, bounds = new
-            resets = None
         else:
             mats, take, merged = device_safeguard(group["max_q_norm"], works, batch, batch.cat(new_qs), terms,
-                                                 device.ok, converged)
+                                                  device.ok, converged)
             if group["store_base"]:  # a weight changed from outside is re-based, not moved
                 edited = device.edited([w.p for w in works])
                 take, merged, rebased = take & ~edited, merged & ~edited, device.ok & edited
@@ -394,10 +346,18 @@ class POETOptimizer(FactorOptimizer):
             if not group["store_base"]:
                 mats = keep_unless(mats, take, works, batch)
             resets = device_resets(works, merged, rebased, new_qs, new_inner)
-        per, starts = batch.split(mats), batch.starts()  # views: what the safeguard writes into mats they show
+        per = batch.split(mats)  # views: what the safeguard writes into them ``mats`` shows
         if any(flags):
             exact_for_flagged(group["store_base"], works, flags, batch, per, new_qs, old, inv)
-        del old, inv
+        if rebased is None:  # the take and W0 flags serve paper mode's capturable step only
+            return _Decided(mats, per, flags, bounds, None, None, resets)
+        return _Decided(mats, per, flags, bounds, take, merged | rebased, resets)  # merged or re-based: W0 <- W
+
+    def _commit_groups(self, group: dict[str, Any], groups: list[Group], bases: list, batch: ByKey,
+                       plan: "_Decided", new_qs: list, new_inner: list, terms: int | None) -> None:
+        """Per group: its weights' new state entries, the rewrite of W (and W0 where ``plan`` sets it), scheduled
+        and early merges, committed together; then the fingerprints of what was written."""
+        starts = batch.starts()
         pos, wi = 0, 0  # the first entry and the position (in bounds) of the group's first weight
         for gr, base in zip(groups, bases):
             ups, merges = [], []
@@ -406,22 +366,21 @@ class POETOptimizer(FactorOptimizer):
                 pos += len(w.qs)
                 ups.append(dict(step=w.st["step"] + 1, since_merge=w.st["since_merge"] + 1,
                                 **new_factors(w, [new_qs[i] for i in idx], [new_inner[i] for i in idx])))
-                merges.append(flags[wi] or ups[-1]["since_merge"] >= group["merge_every"])
+                merges.append(plan.flags[wi] or ups[-1]["since_merge"] >= group["merge_every"])
                 if group["max_q_norm"] is not None and terms is not None:  # the next step's inverses start from it
-                    ups[-1]["q_bound"] = bounds[wi]
-                if resets is not None:
-                    ups[-1].update(resets[wi])
+                    ups[-1]["q_bound"] = plan.bounds[wi]
+                if plan.resets is not None:
+                    ups[-1].update(plan.resets[wi])
                 wi += 1
-            first = pos - sum(len(w.qs) for w in gr.works)
-            side_mats = group_mats(gr, batch, mats, per, starts, first)
-            nrow = len(gr.rows)
             mine = slice(wi - len(gr.works), wi)
+            side_mats = group_mats(gr, batch, plan.mats, plan.per, starts, pos - sum(len(w.qs) for w in gr.works))
+            nrow = len(gr.rows)
             write, kept, stacked = rewrite(gr, side_mats[:nrow], side_mats[nrow:], group["store_base"],
                                            [m and group["store_base"] for m in merges], base,
-                                           take[mine] if rebased is not None else None)
-            if rebased is not None:  # paper mode, merged or re-based on the device: W0 <- the new weight
-                write = base_reset(gr.works, write, stacked, (merged | rebased)[mine])
-            for w, up, merge, k, early in zip(gr.works, ups, merges, kept, flags[wi - len(gr.works): wi]):
+                                           None if plan.take is None else plan.take[mine])
+            if plan.take is not None:  # paper mode, merged or re-based on the device: W0 <- the new weight
+                write = base_reset(gr.works, write, stacked, plan.merged[mine])
+            for w, up, merge, k, early in zip(gr.works, ups, merges, kept, plan.flags[mine]):
                 if merge:
                     up.update(self._merged(w.p, {**w.st, **up}, group, k, early))
             ps = [w.p for w in gr.works]
@@ -429,19 +388,6 @@ class POETOptimizer(FactorOptimizer):
             if (stacked is not None and len(ps) > 1 and self._overwrites(group) and stacked.dtype == ps[0].dtype
                     and not any(id(p) in self._origin for p in ps)):  # the fingerprints from what was written
                 self._edits.record_stacked(ps, stacked)
-
-    def _host_rotations(self, group: dict[str, Any], works: list[Work], batch: ByKey, new_q: dict,
-                        terms: int | None, converged: torch.Tensor | None):
-        """(the new rotations per key, per weight whether the safeguard fires, per weight its bound), the flags
-        and bounds read in one host sync; None if the inverses did not converge."""
-        if group["max_q_norm"] is None or terms is None:
-            return per_size(lambda q, b: rotation(q, b, terms), new_q), [False] * len(works), None
-        pairs = per_size(lambda q, b: rotation_and_bound(q, b, terms), new_q)
-        bounds, inverted = safeguard(group["max_q_norm"], works, batch, {k: bd for k, (_, bd) in pairs.items()},
-                                     converged)
-        if not inverted:
-            return None
-        return {k: r for k, (r, _) in pairs.items()}, [bd > group["max_q_norm"] for bd in bounds], bounds
 
     def _merged(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], w_new: torch.Tensor | None,
                 early: bool) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from .sharded import all_reduce, like, reduce_over_meshes, shard_state, to_local
 
 __all__ = ["Work", "Group", "group_key", "make_groups", "rotation", "rotation_and_bound", "rotations",
            "per_size", "delta", "apply_blocks", "block_grads", "rewrite", "generator_grads", "safeguard", "new_factors",
-           "group_mats", "exact_for_flagged", "inverse_iterations", "entry_owners", "weight_bounds"]
+           "group_mats", "exact_for_flagged", "inverse_iterations", "entry_owners", "weight_bounds", "host_rotations"]
 
 
 class Work(NamedTuple):
@@ -323,6 +323,19 @@ def safeguard(limit: float, works: list[Work], batch: ByKey, block_bounds: dict,
         bounds = torch.cat([bounds, converged.reshape(1).to(bounds)])
     read = bounds.tolist()
     return read[: len(works)], converged is None or read[-1] == 1.0
+
+
+def host_rotations(limit: float | None, works: list[Work], batch: ByKey, new_q: dict, terms: int | None,
+                   converged: torch.Tensor | None):
+    """Stage 4 on the host: (the new rotations per key of ``batch``, per weight whether the safeguard fires, per
+    weight its bound), the flags and bounds read in one host sync; None if the inverses did not converge."""
+    if limit is None or terms is None:
+        return per_size(lambda q, b: rotation(q, b, terms), new_q), [False] * len(works), None
+    pairs = per_size(lambda q, b: rotation_and_bound(q, b, terms), new_q)
+    bounds, inverted = safeguard(limit, works, batch, {k: bd for k, (_, bd) in pairs.items()}, converged)
+    if not inverted:
+        return None
+    return {k: r for k, (r, _) in pairs.items()}, [bd > limit for bd in bounds], bounds
 
 
 def new_factors(w: Work, qs: list[torch.Tensor], inner: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,0 +1,91 @@
+"""POET's settings: their checks (each error names the argument and the value) and the block layout they give a
+side of a weight (``layout``, ``sizes``)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..geometry import block_layout, block_sizes
+from .checks import check_number
+from .inner import AdamRule
+
+__all__ = ["MODES", "SIDES", "DEFAULT_BLOCK", "layout", "sizes", "check_group", "check_capturable"]
+
+MODES = ("bs", "fs")
+SIDES = ("row", "col")
+DEFAULT_BLOCK = 256
+
+
+def side_block(dim: int, group: dict[str, Any]) -> int:
+    b = group["block_size"]
+    if b is None:
+        return DEFAULT_BLOCK
+    if isinstance(b, float):  # fully stochastic: a fraction of the dimension
+        return max(2, int(round(b * dim)))
+    return b
+
+
+def layout(perm: torch.Tensor, group: dict[str, Any], chunks: int = 1) -> list[torch.Tensor]:
+    """Index blocks of one side: ``perm`` cut into ``chunks`` equal consecutive parts, each blocked on its own
+    (the row permutation's scope; 1 = the whole side), the parts' blocks of one size concatenated."""
+    if chunks == 1:
+        return block_layout(perm, side_block(perm.numel(), group), group["mode"] == "fs")
+    parts = [block_layout(c, side_block(c.numel(), group), False) for c in perm.chunk(chunks)]
+    return [torch.cat(blocks) for blocks in zip(*parts)]
+
+
+def sizes(dim: int, group: dict[str, Any], chunks: int = 1) -> list[tuple[int, int]]:
+    """[(blocks, b), ...] of a side of ``dim`` indices cut into ``chunks`` parts (see ``layout``)."""
+    part = dim // chunks
+    return [(nb * chunks, b) for nb, b in block_sizes(part, side_block(part, group), group["mode"] == "fs")]
+
+
+def _check_block_size(group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
+    mode, b = group["mode"], group["block_size"]
+    if b is None:
+        b = DEFAULT_BLOCK
+    elif isinstance(b, bool) or not isinstance(b, (int, float)):
+        raise TypeError(f"block_size must be an int (or a float fraction in 'fs' mode), got {b!r}")
+    if isinstance(b, float):
+        if mode != "fs":
+            raise TypeError(f"block_size must be an int in 'bs' mode, got {b!r}")
+        if not 0.0 < b <= 1.0:
+            raise ValueError(f"block_size as a fraction must be in (0, 1], got {b!r}")
+    elif b < 2:
+        raise ValueError(f"block_size must be >= 2, got {b!r}")
+    elif group["block_size"] is not None and factorized and all(b > max(p.shape) for p in factorized):
+        largest = max(max(p.shape) for p in factorized)
+        raise ValueError(f"block_size={b} is larger than every routed weight (largest dimension {largest})")
+
+
+def check_group(group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
+    """A param group's POET settings (``factorized``: its routed weights)."""
+    if group["mode"] not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {group['mode']!r}")
+    _check_block_size(group, factorized)
+    check_number("neumann_terms", group["neumann_terms"], low=1, integer=True)
+    check_number("merge_every", group["merge_every"], low=1, integer=True)
+    for key in ("exact_cayley", "store_base", "factorize"):
+        if not isinstance(group[key], bool):
+            raise TypeError(f"{key} must be a bool, got {group[key]!r}")
+    if group["max_q_norm"] is not None:
+        check_number("max_q_norm", group["max_q_norm"], low=0.0, low_open=True)
+    if group["row_shards"] is not None:
+        check_number("row_shards", group["row_shards"], low=1, integer=True)
+
+
+def check_capturable(group: dict[str, Any], nonfinite: str, external_edits: str, inner: Any) -> None:
+    """What ``capturable=True`` needs (see ``poet_capture``): a bound for the inverses, the policies that need no
+    host read, and the factors on torch's fused Adam kernel."""
+    why = None
+    if external_edits != "rebase":
+        why = f"external_edits={external_edits!r} (raising needs a host read); pass external_edits='rebase'"
+    elif group["max_q_norm"] is None and not group["exact_cayley"]:
+        why = "max_q_norm=None (the inverses' fixed iterations rely on the bound); pass a max_q_norm"
+    elif nonfinite != "skip":
+        why = f"nonfinite={nonfinite!r} (raising needs a host read); pass nonfinite='skip'"
+    elif not isinstance(inner, AdamRule) or inner.kwargs.get("fused") is False or inner.kwargs.get("foreach"):
+        why = "an inner rule other than torch Adam / AdamW on its fused kernel"
+    if why is not None:
+        raise ValueError(f"capturable=True is not supported with {why}")
