@@ -1,6 +1,6 @@
 """Weights of one shape stepped together (``foreach=True``: stacked dense calls, one multi-tensor write) equal the
 same optimizer stepping them one by one, in float64: every POET mode, ragged blocks, row shards, merges and the
-safeguard's early merges; the grouped column operations equal their per-weight references; fingerprints taken
+safeguard's early merges; ReLoRA through resets, DLRA in both methods; the grouped column operations equal their per-weight references; fingerprints taken
 together still tell an edited weight from an untouched one."""
 import pytest
 import torch
@@ -146,3 +146,34 @@ def test_grouped_relora_equals_the_per_weight_step(case, float64, monkeypatch):
     alone, _ = train(make)
     for a, b in zip(together, alone):
         assert rel_err(a, b) < 1e-12
+
+
+DLRA_CASES = {"heavy_ball": {}, "adam": dict(method="adam"), "stabilize": dict(stabilize_every=3),
+              "adam-max-rank": dict(method="adam", max_rank=5)}
+
+
+@pytest.mark.parametrize("case", list(DLRA_CASES))
+def test_grouped_dlra_equals_the_per_weight_step(case, float64, monkeypatch):
+    """DLRAMomentum with the weights of one shape and rank stacked (one batched projection, QR, SVD and transport
+    per stage, one multi-tensor write) equals it weight by weight."""
+    def make(params):
+        return geomopt.DLRAMomentum(params, **(dict(lr=2e-2, rank=4, foreach=True) | DLRA_CASES[case]))
+
+    runs = []
+    key_runs = geomopt.optim.dlra.key_runs
+    monkeypatch.setattr("geomopt.optim.dlra.key_runs", lambda *a: runs.append(out := key_runs(*a)) or out)
+    together, _ = train(make)
+    assert max(len(r) for rs in runs for r in rs) == 3
+    monkeypatch.setattr(geomopt.DLRAMomentum, "_together", staticmethod(lambda group, params: False))
+    alone, _ = train(make)
+    for a, b in zip(together, alone):
+        assert rel_err(a, b) < 1e-12
+
+
+def test_dlra_with_rank_adaptivity_steps_weight_by_weight(float64, monkeypatch):
+    """``rank_tol`` chooses each weight's rank from its own singular values: those weights never share a call."""
+    runs = []
+    key_runs = geomopt.optim.dlra.key_runs
+    monkeypatch.setattr("geomopt.optim.dlra.key_runs", lambda *a: runs.append(out := key_runs(*a)) or out)
+    _, opt = train(lambda ps: geomopt.DLRAMomentum(ps, lr=2e-2, rank=4, rank_tol=0.1, foreach=True), steps=4)
+    assert runs and all(len(r) == 1 for rs in runs for r in rs) and opt.ranks

@@ -93,11 +93,13 @@ def test_host_syncs_of_a_plain_step_do_not_grow_with_the_weights():
 def test_ops_of_a_grouped_step_do_not_grow_with_the_weights():
     """With the multi-tensor path (``fused=True`` here; the default on a GPU) the weights of one shape share
     their calls: a plain step of 2 layers and of 6 layers dispatch the same number of ops (POET in both modes,
-    ReLoRA); the per-weight path (``foreach=False``) grows with the weights."""
+    ReLoRA, DLRA); the per-weight path (``foreach=False``) grows with the weights."""
     import geomopt
 
-    for kw in (dict(), dict(store_base=False), dict(store_base=False, capturable=True), None):
+    for kw in (dict(), dict(store_base=False), dict(store_base=False, capturable=True), None, "dlra"):
         def make(m, flags):
+            if kw == "dlra":
+                return geomopt.DLRAMomentum(m, lr=1e-2, rank=4, **flags)
             if kw is None:
                 return geomopt.ReLoRAReset(m, lr=1e-2, rank=4, reset_every=50, **flags)
             return geomopt.POET(m, lr=1e-2, block_size=8, merge_every=50, **flags, **kw)

@@ -1,5 +1,8 @@
 """The fixed-rank manifold {W = U S V^T : U^T U = I, V^T V = I}, torch reference (DLRA momentum).
 
+Every function takes leading batch dimensions too (weights of one shape and rank stacked: one batched call each);
+rank adaptivity (``rank_tol``) works on one weight at a time.
+
 A tangent vector at W = U S V^T is stored in factored coordinates (xs, xu, xv):
     xi = U xs V^T + xu V^T + U xv^T,   U^T xu = 0,   V^T xv = 0
 (xs: r x r, xu: m x r, xv: n x r), so nothing m x n is formed except the dense gradient itself.
@@ -31,16 +34,16 @@ def _same(t: torch.Tensor) -> torch.Tensor:
 def tangent_project(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, reduce: Reduce = _same) -> Tangent:
     """P_W(G) = U U^T G + G V V^T - U U^T G V V^T in coordinates: (U^T G V, (I - UU^T) G V, (I - VV^T) G^T U)."""
     gv = g @ v
-    xs = reduce(u.T @ gv)
+    xs = reduce(u.mT @ gv)
     xu = gv - u @ xs
-    xv = reduce(g.T @ u) - v @ xs.T
+    xv = reduce(g.mT @ u) - v @ xs.mT
     return xs, xu, xv
 
 
 def tangent_to_dense(u: torch.Tensor, v: torch.Tensor, xi: Tangent) -> torch.Tensor:
     """The m x n matrix of a tangent vector (for tests and references)."""
     xs, xu, xv = xi
-    return u @ xs @ v.T + xu @ v.T + u @ xv.T
+    return u @ xs @ v.mT + xu @ v.mT + u @ xv.mT
 
 
 def transport(u: torch.Tensor, v: torch.Tensor, u_new: torch.Tensor, v_new: torch.Tensor, xi: Tangent,
@@ -50,19 +53,19 @@ def transport(u: torch.Tensor, v: torch.Tensor, u_new: torch.Tensor, v_new: torc
     O((m + n) r^2); the ranks of W and W_new may differ.
     """
     xs, xu, xv = xi
-    a = reduce(u_new.T @ u)  # r' x r
-    b = v.T @ v_new  # r x r'
-    xi_v = u @ (xs @ b) + xu @ b + u @ (xv.T @ v_new)  # xi V'      (m x r')
-    xi_u = v @ (xs.T @ a.T) + v @ reduce(xu.T @ u_new) + xv @ a.T  # xi^T U'  (n x r')
-    s_new = reduce(u_new.T @ xi_v)
-    return s_new, xi_v - u_new @ s_new, xi_u - v_new @ s_new.T
+    a = reduce(u_new.mT @ u)  # r' x r
+    b = v.mT @ v_new  # r x r'
+    xi_v = u @ (xs @ b) + xu @ b + u @ (xv.mT @ v_new)  # xi V'      (m x r')
+    xi_u = v @ (xs.mT @ a.mT) + v @ reduce(xu.mT @ u_new) + xv @ a.mT  # xi^T U'  (n x r')
+    s_new = reduce(u_new.mT @ xi_v)
+    return s_new, xi_v - u_new @ s_new, xi_u - v_new @ s_new.mT
 
 
 def truncation_rank(sigma: torch.Tensor, rank: int, rank_tol: float | None, min_rank: int, max_rank: int) -> int:
     """Fixed ``rank`` when ``rank_tol`` is None; else the smallest r' whose discarded tail has
     ||sigma[r':]|| <= rank_tol * ||sigma||, clamped to [min_rank, max_rank]."""
     if rank_tol is None:
-        return min(rank, sigma.numel())
+        return min(rank, sigma.shape[-1])
     tail = sigma.flip(0).square().cumsum(0).flip(0).sqrt()  # tail[i] = ||sigma[i:]||
     ok = (tail <= rank_tol * sigma.norm()).nonzero()
     r = int(ok[0]) if ok.numel() else sigma.numel()
@@ -79,15 +82,19 @@ def retract(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, xi: Tangent, step
     best rank-r' approximation of W - step xi (exact, since that matrix has rank <= 2r).
     """
     xs, xu, xv = xi
-    r = s.shape[0]
-    qu, ru = (row_qr or functools.partial(call, "tall_qr"))(torch.cat([u, xu], dim=1))
-    qv, rv = call("tall_qr", torch.cat([v, xv], dim=1))
+    r = s.shape[-1]
+    if s.dim() > 2 and rank_tol is not None:
+        raise ValueError(f"rank_tol={rank_tol!r}: rank adaptivity takes one weight at a time, got a batch of shape "
+                         f"{tuple(s.shape)}")
+    qu, ru = (row_qr or functools.partial(call, "tall_qr"))(torch.cat([u, xu], dim=-1))
+    qv, rv = call("tall_qr", torch.cat([v, xv], dim=-1))
     eye = torch.eye(r, dtype=s.dtype, device=s.device)
-    core = torch.cat([torch.cat([s - step * xs, -step * eye], 1),
-                      torch.cat([-step * eye, torch.zeros_like(eye)], 1)], 0)
-    p, sigma, qt = torch.linalg.svd(ru @ core @ rv.T)
+    eye = eye.expand_as(s) if s.dim() > 2 else eye
+    core = torch.cat([torch.cat([s - step * xs, -step * eye], -1),
+                      torch.cat([-step * eye, torch.zeros_like(s)], -1)], -2)
+    p, sigma, qt = torch.linalg.svd(ru @ core @ rv.mT)
     k = truncation_rank(sigma, rank, rank_tol, min_rank, max_rank if max_rank is not None else 2 * r)
-    return qu @ p[:, :k], torch.diag(sigma[:k]), qv @ qt[:k].T
+    return qu @ p[..., :k], torch.diag_embed(sigma[..., :k]), qv @ qt[..., :k, :].mT
 
 
 def check_point(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, tol: float = 1e-5, explain: bool = False):
@@ -111,4 +118,4 @@ def stabilize(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, row_qr: Callabl
     """Re-orthonormalize U and V against numerical drift (QR), absorbing R factors into S: same W."""
     qu, ru = (row_qr or functools.partial(call, "tall_qr"))(u)
     qv, rv = call("tall_qr", v)
-    return qu, ru @ s @ rv.T, qv
+    return qu, ru @ s @ rv.mT, qv

@@ -9,6 +9,7 @@ import torch
 from ..geometry.lowrank import retract, stabilize, tangent_project, transport
 from . import state as layout
 from .base import FactorOptimizer
+from .batching import dense_stack, key_runs
 from .checks import check_number, check_rank, flag_defaults
 from .docs import fill_args_doc
 from .sharded import all_reduce, like, row_shard, to_local, tsqr
@@ -162,8 +163,51 @@ class DLRAMomentum(FactorOptimizer):
     # ------------------------------------------------------------------ step
     def _factor_step(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
                      lr: float) -> None:
-        for p, g in zip(params, grads):
-            self._step_one(p, g, group, lr)
+        """Weight by weight, or on the multi-tensor path (``_together``) the weights of one shape, dtype, rank
+        and step count stacked (``_step_many``: one batched call per stage); rank adaptivity (``rank_tol``) and
+        row-sharded weights step alone."""
+        def key(i: int) -> Any:
+            p, st = params[i], self.state[params[i]]
+            if group["rank_tol"] is not None or row_shard(p) is not None:
+                return i
+            return (tuple(p.shape), p.dtype, st["U"].dtype, p.device, st["S"].shape[0], st["step"])
+
+        keys = [key(i) for i in range(len(params))]
+        for run in key_runs(keys, [p.numel() for p in params], self._together(group, params)):
+            if len(run) == 1:
+                self._step_one(params[run[0]], grads[run[0]], group, lr)
+            else:
+                self._step_many([params[i] for i in run], [grads[i] for i in run], group, lr)
+
+    def _step_many(self, params: list[torch.Tensor], grads: list[torch.Tensor], group: dict[str, Any],
+                   lr: float) -> None:
+        """``_step_one`` of weights of one shape, dtype, rank and step count, their factors and momenta stacked:
+        the projection, the direction, the retraction (QR, SVD), the transport and U S V^T are one batched call
+        each; the new weights are written by one multi-tensor copy."""
+        sts = [self.state[p] for p in params]
+        u, s, v = (torch.stack([st[k] for st in sts]) for k in ("U", "S", "V"))
+        stacked = dict(step=sts[0]["step"], exp_avg=[torch.stack([st["exp_avg"][j] for st in sts]) for j in range(3)])
+        if "exp_avg_sq" in sts[0]:
+            stacked["exp_avg_sq"] = torch.stack([st["exp_avg_sq"] for st in sts])
+        xi = tangent_project(u, v, dense_stack(grads, u.dtype))
+        direction, new = self._direction(xi, stacked, group, params[0].shape[0], lambda t: t)
+        write = None
+        if lr != 0:  # else nothing moves (a schedule at zero): no retraction and its rounding
+            r = s.shape[-1]
+            max_rank = group["max_rank"] if group["max_rank"] is not None else 2 * r
+            u2, s2, v2 = retract(u, s, v, direction, lr, rank=r, max_rank=min(max_rank, *params[0].shape))
+            if group["stabilize_every"] and new["step"] % group["stabilize_every"] == 0:
+                u2, s2, v2 = stabilize(u2, s2, v2)
+            new.update(exp_avg=list(transport(u, v, u2, v2, tuple(new["exp_avg"]))), U=u2, S=s2, V=v2)
+            weights = torch.bmm(u2 @ s2, v2.mT).to(params[0].dtype)
+            write = functools.partial(torch._foreach_copy_, [to_local(p) for p in params], list(weights.unbind(0)))
+        parts = {k: (list(zip(*(x.unbind(0) for x in val))) if k == "exp_avg" else val.unbind(0))
+                 for k, val in new.items() if k != "step"}  # one view op per stacked tensor, not per weight
+        ups = [dict(step=new["step"], **{k: (list(x[i]) if k == "exp_avg" else x[i]) for k, x in parts.items()})
+               for i in range(len(params))]
+        self._commit_many(params, write, ups)
+        if write is not None and not any(id(p) in self._origin for p in params):
+            self._edits.record_stacked(params, weights)  # the fingerprints from what was written
 
     def _direction(self, xi: tuple, st: dict[str, Any], group: dict[str, Any], m_rows: int, reduce: Any):
         """(direction, new momentum entries) from the tangent gradient ``xi``, out of place."""
@@ -174,14 +218,15 @@ class DLRAMomentum(FactorOptimizer):
             return tuple(m), dict(exp_avg=m, step=step)
         b2, eps = group["beta2"], group["eps"]
         m = [torch.add(mi * beta, x, alpha=1 - beta) for mi, x in zip(exp_avg, xi)]
-        means = torch.stack([x.square().sum() for x in xi])
-        means[1] = reduce(means[1:2].clone())[0]  # xu's rows are spread over the ranks
-        means /= torch.tensor([xi[0].numel(), m_rows * xi[1].shape[1], xi[2].numel()], dtype=means.dtype,
-                              device=means.device)
+        means = torch.stack([x.square().sum((-2, -1)) for x in xi], -1)  # (3,), or (L, 3) for stacked weights
+        means[..., 1] = reduce(means[..., 1:2].clone())[..., 0]  # xu's rows are spread over the ranks
+        r = xi[0].shape[-1]
+        means /= torch.tensor([r * r, m_rows * r, xi[2].shape[-2] * r], dtype=means.dtype, device=means.device)
         sq = torch.add(st["exp_avg_sq"] * b2, means, alpha=1 - b2)
         c1, c2 = 1 - beta**step, 1 - b2**step
         denom = (sq / c2).sqrt().add_(eps)
-        direction = tuple((mi / c1) / denom[i] for i, mi in enumerate(m))  # a scalar per block: still tangent
+        scales = denom[..., None, None].unbind(-3)  # per block a scalar (per stacked weight): still tangent
+        direction = tuple((mi / c1) / d for mi, d in zip(m, scales))
         return direction, dict(exp_avg=m, exp_avg_sq=sq, step=step)
 
     def _step_one(self, p: torch.Tensor, g: torch.Tensor, group: dict[str, Any], lr: float) -> None:

@@ -32,12 +32,12 @@ COMMON_ARGS_DOC = r"""
         ``inner_kwargs`` says otherwise): ``None`` (default) is torch's choice for the parameters (foreach on
         CUDA, else a loop) and the fused kernel for the factors where torch has one; ``True``/``False`` force
         it. A tensor that is not contiguous never goes to the fused kernel (torch's CPU kernel ignores strides).
-        POET and ReLoRAReset also step the weights of one shape together on this multi-tensor path (stacked
-        products, one multi-tensor write: the calls do not grow with the layers) with ``foreach=True``, or
-        ``fused=True`` and ``foreach`` unset, and by default on a GPU; ``foreach=False``, and the default on a CPU
-        (where it is faster), step them one by one (equal to float64 rounding).
-    capturable: torch's flag; ``True`` is POET's lean-mode step with its decisions on the device (no host read
-        unless it merges; README, "The capturable step"), refused (a clear error) everywhere else.
+        POET, ReLoRAReset and DLRAMomentum (fixed rank) also step the weights of one shape together on this
+        multi-tensor path (stacked products, one multi-tensor write: the calls do not grow with the layers) with
+        ``foreach=True``, or ``fused=True`` and ``foreach`` unset, and by default on a GPU; ``foreach=False``, and
+        the default on a CPU (where it is faster), step them one by one (equal to float64 rounding).
+    capturable: torch's flag; ``True`` is POET's step with its decisions on the device (no host read; README,
+        "The capturable step"), refused (a clear error) by ReLoRAReset and DLRAMomentum.
     differentiable: torch's flag; only ``False`` is supported (a clear error otherwise).
 """
 
