@@ -1,7 +1,7 @@
 """Weights of one shape stepped together (``foreach=True``: stacked dense calls, one multi-tensor write) equal the
 same optimizer stepping them one by one, in float64: every POET mode, ragged blocks, row shards, merges and the
-safeguard's early merges; ReLoRA through resets, DLRA in both methods; the grouped column operations equal their per-weight references; fingerprints taken
-together still tell an edited weight from an untouched one."""
+safeguard's early merges; ReLoRA through resets, DLRA in both methods; the grouped column operations equal their
+per-weight references; fingerprints taken together still tell an edited weight from an untouched one."""
 import pytest
 import torch
 from chain_model import make_chain, train_chain
