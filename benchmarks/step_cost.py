@@ -17,7 +17,9 @@ The metric (``StepCost``, a ``TorchDispatchMode`` around ``optimizer.step()``):
 - host syncs: ops that wait for a value on the host (``_local_scalar_dense``: ``.item()``, ``float()``,
   ``bool()``; ``nonzero``, ``equal``, ``is_nonzero``) and ``Tensor.tolist()`` calls (a device-to-host copy on a
   GPU);
-- wall: the step's time on this machine, outside the meter: the same kind of step one cycle later.
+- wall: the step's time on this machine, outside the meter: the same kind of step one cycle later;
+- bytes by op: the bytes split by the aten op that moved them (the eight largest per step in the JSON, the four
+  largest of the plain step in the Markdown), to show which passes over the weights a step makes.
 
 Each optimizer is built on the preset's model (``geomopt-bench``'s presets and constructors), takes two warm-up
 steps (its state exists), then one plain step and one step that merges (POET) or resets (ReLoRA) are metered,
@@ -68,6 +70,7 @@ class StepCost(TorchDispatchMode):
         self.bytes = 0
         self.syncs = 0
         self.by_op: Counter = Counter()
+        self.bytes_by_op: Counter = Counter()
 
     def __enter__(self):
         self._tolist = torch.Tensor.tolist
@@ -99,7 +102,10 @@ class StepCost(TorchDispatchMode):
                     key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
                            t.dtype)
                     seen[key] = math.prod(n for n, st in zip(t.shape, t.stride()) if st) * t.element_size()
-            self.bytes += sum(seen.values())
+            moved = sum(seen.values())
+            self.bytes += moved
+            if moved:
+                self.bytes_by_op[str(func.overloadpacket.__name__)] += moved
         return out
 
 
@@ -158,7 +164,7 @@ def measure(name: str, args: argparse.Namespace, train: torch.Tensor, cycle: int
             with meter:
                 opt.step()
             out[kind] = dict(ops=meter.ops, bytes=meter.bytes, syncs=meter.syncs,
-                             top_ops=meter.by_op.most_common(8))
+                             top_ops=meter.by_op.most_common(8), top_bytes=meter.bytes_by_op.most_common(8))
         else:
             _sync(args.device)
             t0 = time.perf_counter()
@@ -179,6 +185,16 @@ def table(results: dict[str, dict[str, Any]], baseline: str = "adamw-fused") -> 
             ratio = r["bytes"] / res["param_bytes"]
             vs = f"{r['bytes'] / base[kind]['bytes']:.2f}x" if base else "-"
             rows.append(f"| {name} | {kind} | {r['ops']} | {ratio:.1f} | {vs} | {r['syncs']} | {r['wall_ms']:.1f} |")
+    return "\n".join(rows)
+
+
+def bytes_table(results: dict[str, dict[str, Any]], kind: str = "plain", top: int = 4) -> str:
+    """Where each optimizer's bytes go on a ``kind`` step: its ``top`` aten ops by bytes moved, each as a multiple
+    of the parameters' bytes."""
+    rows = ["| optimizer | bytes / parameter bytes, by aten op (largest first) |", "| --- | --- |"]
+    for name, res in results.items():
+        parts = [f"{op} {moved / res['param_bytes']:.1f}" for op, moved in res[kind]["top_bytes"][:top]]
+        rows.append(f"| {name} | {', '.join(parts)} |")
     return "\n".join(rows)
 
 
@@ -205,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = {name: measure(name, args, train, a.cycle) for name in a.optimizers.split(",")}
     info = dict(preset=a.preset, layers=args.layers, cycle=a.cycle, block_size=a.block_size, rank=a.rank,
                 device=a.device, torch=torch.__version__, machine=platform.machine(), threads=torch.get_num_threads())
-    text = table(results)
+    text = f"{table(results)}\n\nWhere the bytes of a plain step go:\n\n{bytes_table(results)}"
     print(f"step cost, preset {a.preset} ({args.layers} layers), {a.device}, torch {torch.__version__}\n\n{text}")
     if a.out:
         os.makedirs(a.out, exist_ok=True)

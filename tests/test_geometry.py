@@ -20,6 +20,7 @@ from geomopt.geometry import (
     skew_size,
     unpack_skew,
 )
+from geomopt.geometry.cayley import normal_inverse, rotation_inverse
 from geomopt.geometry.dispatch import REFERENCES, call, kernel_for, register_kernel
 
 f64 = torch.float64
@@ -72,6 +73,33 @@ def test_exact_cayley_solves_its_defining_equation_at_b256_on_two_threads(dtype,
     Q, eye = unpack_skew(q, b), torch.eye(b, dtype=f64)
     assert ((eye - Q) @ R - (eye + Q)).abs().max() < tol
     assert (R.transpose(1, 2) @ R - eye).abs().max() < tol
+
+
+def test_inverse_fallback_runs_without_lu_at_b256_on_two_threads(monkeypatch):
+    """Blocks too far from orthogonal for Newton-Schulz (a Cayley-Neumann map of a large generator) are inverted
+    from the normal equations, with no LU (``torch.linalg.inv`` / ``solve`` made to raise), after
+    ``torch.set_num_threads(2)`` at b = 256; a singular block gets its pseudo-inverse."""
+    def no_lu(*a, **k):
+        raise AssertionError("the inverse must not use a pivoted LU")
+
+    b = 256
+    d = cayley_neumann(rand_q(3, b, 11, scale=0.3), b, 1)  # ||I - D D^T|| >= 1: Newton-Schulz diverges
+    assert (torch.eye(b, dtype=f64) - d @ d.transpose(1, 2)).abs().amax() >= 1.0
+    singular = d.clone()
+    singular[1, :, 0] = 0.0
+    for name in ("inv", "solve", "inv_ex", "solve_ex", "lu_factor", "lu_factor_ex"):
+        monkeypatch.setattr(torch.linalg, name, no_lu)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = rotation_inverse(d)
+        y = normal_inverse(singular)
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.undo()
+    assert (d @ x - torch.eye(b, dtype=f64)).abs().max() < 1e-9
+    assert torch.allclose(y[1], torch.linalg.pinv(singular[1]), atol=1e-9)  # the singular block
+    assert (singular[[0, 2]] @ y[[0, 2]] - torch.eye(b, dtype=f64)).abs().max() < 1e-9
 
 
 def _slope(ts, errs):

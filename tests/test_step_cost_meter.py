@@ -30,6 +30,7 @@ def test_known_counts():
         x.tolist()  # a device-to-host copy on a GPU
     assert m.ops == 5 and m.syncs == 2  # tolist is no aten op, but a sync
     assert m.bytes == 1200 + (400 + 4) + 4 + 200
+    assert m.bytes_by_op == {"add": 1200, "add_": 200, "sum": 404, "_local_scalar_dense": 4}  # by op, same total
 
 
 def test_torchs_fused_adamw_moves_each_of_its_four_tensors_once():
@@ -50,7 +51,11 @@ def test_a_tiny_preset_reports_every_optimizer_and_step_kind(tmp_path):
     assert set(saved["results"]) == {"adamw-fused", "poet", "relora"} == set(res["results"])
     for r in res["results"].values():
         assert r["plain"]["ops"] > 0 and r["merge"]["ops"] >= r["plain"]["ops"] * 0.5
-    assert "| poet | merge |" in (tmp_path / "step_cost.md").read_text()
+    text = (tmp_path / "step_cost.md").read_text()
+    assert "| poet | merge |" in text
+    for name, r in res["results"].items():  # the split by op adds up to the step's bytes
+        top = r["plain"]["top_bytes"]
+        assert top and sum(b for _, b in top) <= r["plain"]["bytes"] and f"| {name} | {top[0][0]} " in text
 
 
 def _measure(make, layers):

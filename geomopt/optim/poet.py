@@ -92,7 +92,7 @@ class POETOptimizer(FactorOptimizer):
     mode: ``"bs"`` (block-stochastic, default) or ``"fs"`` (fully stochastic).
     neumann_terms: k of the Cayley-Neumann series (default 5; the paper's ablation: 1 does not
         converge). k = 4 keeps the spectrum better (orthogonality error O(||Q||^10) vs O(||Q||^6)).
-    exact_cayley: use the exact Cayley map (batched solve) instead of the Neumann series.
+    exact_cayley: use the exact Cayley map (a batched Cholesky factorization) instead of the Neumann series.
     merge_every: merge-then-reinitialize interval in steps.
     store_base: keep W0 (paper mode, default). ``False`` is lean mode: no dense copy, W rewritten
         incrementally as W <- (D_new D_old^-1) W (E_old^-1 E_new) on the blocks (b x b inverses; for
