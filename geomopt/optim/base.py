@@ -22,7 +22,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import state as layout
-from .checks import check_grad, check_hyper, check_number, check_param, finite_flags, lr_value
+from .checks import check_grad, check_hyper, check_number, check_param, dense_hyper, finite_flags, lr_value
 from .decisions import DeviceFlags, check_capturable_params, device_flags
 from .edits import Fingerprints
 from .functional import adam_state, choose_impl, fused_supported, prepared_adam
@@ -374,7 +374,8 @@ class FactorOptimizer(Optimizer):
                 self.state[p].update(adam_state(p, fused=impl == "fused" and fused_supported([loc])))
         views = [local_state(self.state[p]) for p in params]
         beta1, beta2 = group["betas"]
-        hyper = dict(impl=impl, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+        lr, decay = dense_hyper(group, lr)
+        hyper = dict(impl=impl, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=decay,
                      decoupled=True, amsgrad=False, maximize=group["maximize"],
                      found_inf=None if ok is None else (~ok).float())
         runs = [[i] for i in range(len(params))] if impl == "single" else [list(range(len(params)))]
@@ -420,8 +421,8 @@ class FactorOptimizer(Optimizer):
                 "rebuilds": layout.Optional(layout.Count())}
 
     def _own_settings(self) -> list[str]:
-        generic = {"lr", "betas", "eps", "weight_decay", "factorize", "maximize", "foreach", "fused", "capturable",
-                   "differentiable"}
+        generic = {"lr", "betas", "eps", "weight_decay", "dense_lr_scale", "dense_weight_decay", "factorize",
+                   "maximize", "foreach", "fused", "capturable", "differentiable"}
         return [k for k in self.defaults if k not in generic]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 __all__ = ["check_number", "check_lr", "check_hyper", "check_param", "check_grad", "check_rank", "finite_flags",
-           "lr_value", "TORCH_FLAGS", "flag_defaults"]
+           "lr_value", "TORCH_FLAGS", "flag_defaults", "dense_defaults", "dense_hyper"]
 
 #: torch.optim's implementation flags, geomopt's defaults for them
 TORCH_FLAGS = {"maximize": False, "foreach": None, "fused": None, "capturable": False, "differentiable": False}
@@ -17,6 +17,27 @@ TORCH_FLAGS = {"maximize": False, "foreach": None, "fused": None, "capturable": 
 def flag_defaults(maximize: bool, foreach: bool | None, fused: bool | None, capturable: bool,
                   differentiable: bool) -> dict[str, Any]:
     return dict(maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable)
+
+
+def dense_defaults(lr: Any, dense_lr: float | None, dense_weight_decay: float | None) -> dict[str, Any]:
+    """The group settings of the AdamW-routed tensors: ``dense_lr`` becomes ``dense_lr_scale``, its ratio to
+    ``lr`` (so that an LR scheduler, which sets ``lr``, drives both in proportion); ``dense_weight_decay`` None
+    is the group's ``weight_decay``."""
+    scale = 1.0
+    if dense_lr is not None:
+        check_number("dense_lr", dense_lr, low=0.0)
+        base = lr_value(lr)
+        if not (isinstance(base, (int, float)) and base > 0):
+            raise ValueError(f"dense_lr={dense_lr!r} is kept in proportion to lr, which must then be > 0, got "
+                             f"lr={lr!r} (or set a param group's 'dense_lr_scale' directly)")
+        scale = dense_lr / base
+    return dict(dense_lr_scale=scale, dense_weight_decay=dense_weight_decay)
+
+
+def dense_hyper(group: dict[str, Any], lr: float) -> tuple[float, float]:
+    """(lr, weight decay) of a group's AdamW-routed tensors at this step's ``lr``."""
+    wd = group.get("dense_weight_decay")
+    return lr * group.get("dense_lr_scale", 1.0), group["weight_decay"] if wd is None else wd
 
 
 def check_number(name: str, value: Any, *, low: float | None = None, low_open: bool = False,
@@ -53,6 +74,9 @@ def check_hyper(group: dict[str, Any], capturable: bool = False) -> None:
     check_lr(group["lr"])
     check_number("eps", group["eps"], low=0.0)
     check_number("weight_decay", group["weight_decay"], low=0.0)
+    check_number("dense_lr_scale", group.get("dense_lr_scale", 1.0), low=0.0)
+    if group.get("dense_weight_decay") is not None:
+        check_number("dense_weight_decay", group["dense_weight_decay"], low=0.0)
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise TypeError(f"betas must be a pair of floats, got {betas!r}")

@@ -10,7 +10,7 @@ from ..geometry.lowrank import retract, stabilize, tangent_project, transport
 from . import state as layout
 from .base import FactorOptimizer
 from .batching import dense_stack, key_runs
-from .checks import check_number, check_rank, flag_defaults
+from .checks import check_number, check_rank, dense_defaults, flag_defaults
 from .docs import fill_args_doc
 from .sharded import all_reduce, like, row_shard, to_local, tsqr
 from .state import factor_dtype
@@ -78,12 +78,14 @@ class DLRAMomentum(FactorOptimizer):
                  method: str = "heavy_ball", beta2: float = 0.999, rank_tol: float | None = None,
                  min_rank: int = 1, max_rank: int | None = None, stabilize_every: int = 0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
+                 dense_lr: float | None = None, dense_weight_decay: float | None = None,
                  seed: int = 0, nonfinite: str = "skip", external_edits: str = "rebase", maximize: bool = False,
                  foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
                  differentiable: bool = False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, factorize=True, rank=rank,
                         momentum=momentum, method=method, beta2=beta2, rank_tol=rank_tol, min_rank=min_rank,
                         max_rank=max_rank, stabilize_every=stabilize_every,
+                        **dense_defaults(lr, dense_lr, dense_weight_decay),
                         **flag_defaults(maximize, foreach, fused, capturable, differentiable))
         super().__init__(params, defaults, inner=None, seed=seed, nonfinite=nonfinite, external_edits=external_edits)
 

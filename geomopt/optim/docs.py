@@ -13,6 +13,11 @@ COMMON_ARGS_DOC = r"""
         schedulers drive both.
     betas, eps, weight_decay: AdamW hyperparameters of the parameters that are not factorized
         (decoupled weight decay).
+    dense_lr, dense_weight_decay: lr and weight decay of the parameters that are not factorized (embeddings, head,
+        norms, biases), when they should differ from the factors' (the POET paper trains its embeddings and head at
+        a higher lr than the factors). ``dense_lr`` is kept as its ratio to ``lr`` (the group's
+        ``dense_lr_scale``), so LR schedulers drive both in proportion; None (default): ``lr`` and
+        ``weight_decay``.
     inner: torch optimizer class that updates the factors (default ``torch.optim.AdamW``); any
         ``torch.optim.Optimizer`` subclass works (e.g. ``torch_optimizer.Lamb``). Its state lives in
         ``optimizer.state[param]``; torch Adam/AdamW run as plain update functions, other classes through a

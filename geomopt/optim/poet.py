@@ -12,7 +12,7 @@ from . import poet_settings as settings
 from . import state as layout
 from .base import FactorOptimizer
 from .batching import ByKey, chunks
-from .checks import flag_defaults
+from .checks import dense_defaults, flag_defaults
 from .decisions import DeviceFlags
 from .docs import fill_args_doc
 from .guard import deferred_interrupt
@@ -125,6 +125,7 @@ class POETOptimizer(FactorOptimizer):
                  neumann_terms: int = 5, exact_cayley: bool = False, merge_every: int = 200,
                  store_base: bool = True, max_q_norm: float | None = 0.5, row_shards: int | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
+                 dense_lr: float | None = None, dense_weight_decay: float | None = None,
                  inner: type = torch.optim.AdamW, inner_kwargs: dict[str, Any] | None = None,
                  seed: int = 0, nonfinite: str = "skip", external_edits: str = "rebase", maximize: bool = False,
                  foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
@@ -133,6 +134,7 @@ class POETOptimizer(FactorOptimizer):
                         block_size=block_size, mode=mode, neumann_terms=neumann_terms,
                         exact_cayley=exact_cayley, merge_every=merge_every, store_base=store_base,
                         max_q_norm=max_q_norm, row_shards=row_shards,
+                        **dense_defaults(lr, dense_lr, dense_weight_decay),
                         **flag_defaults(maximize, foreach, fused, capturable, differentiable))
         super().__init__(params, defaults, inner=inner, inner_kwargs=inner_kwargs, seed=seed, nonfinite=nonfinite,
                          external_edits=external_edits)

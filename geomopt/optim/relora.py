@@ -10,7 +10,7 @@ import torch
 from . import state as layout
 from .base import FactorOptimizer
 from .batching import dense_stack, key_runs
-from .checks import check_number, check_rank, flag_defaults
+from .checks import check_number, check_rank, dense_defaults, flag_defaults
 from .docs import fill_args_doc
 from .inner import AdamRule
 from .sharded import all_reduce, is_dtensor, like, local_state, put_back, row_shard, shard_state, to_local
@@ -115,6 +115,7 @@ class ReLoRAReset(FactorOptimizer):
                  reset_every: int = 2000, prune_ratio: float = 0.99, prune: str = "magnitude",
                  warm_start_steps: int = 0, restart_warmup_steps: int = 100,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
+                 dense_lr: float | None = None, dense_weight_decay: float | None = None,
                  inner: type = torch.optim.AdamW, inner_kwargs: dict[str, Any] | None = None,
                  seed: int = 0, nonfinite: str = "skip", external_edits: str = "rebase", maximize: bool = False,
                  foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
@@ -122,6 +123,7 @@ class ReLoRAReset(FactorOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, factorize=True, rank=rank,
                         alpha=alpha, reset_every=reset_every, prune_ratio=prune_ratio, prune=prune,
                         warm_start_steps=warm_start_steps, restart_warmup_steps=restart_warmup_steps,
+                        **dense_defaults(lr, dense_lr, dense_weight_decay),
                         **flag_defaults(maximize, foreach, fused, capturable, differentiable))
         super().__init__(params, defaults, inner=inner, inner_kwargs=inner_kwargs, seed=seed, nonfinite=nonfinite,
                          external_edits=external_edits)
