@@ -59,11 +59,18 @@ OPTIMIZERS = {
 }
 
 
-def build_model(args: argparse.Namespace) -> torch.nn.Module:
+def _need_transformers() -> None:
+    """Exit with what to install when transformers (the bench extra) is missing, before any work starts."""
     try:
-        from transformers import LlamaConfig, LlamaForCausalLM
-    except ImportError as err:  # pragma: no cover - depends on the environment
+        import transformers  # noqa: F401
+    except ImportError as err:
         raise SystemExit("geomopt-bench needs transformers: pip install 'geomopt[bench]'") from err
+
+
+def build_model(args: argparse.Namespace) -> torch.nn.Module:
+    _need_transformers()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     cfg = LlamaConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=args.intermediate,
                       num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
                       max_position_embeddings=args.seq_len, tie_word_embeddings=False)
@@ -355,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_bench(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the benchmark with command-line ``argv``; returns the table's rows."""
     args = parse_args(argv)
+    _need_transformers()  # up front: the worker processes would each fail later
     t0 = time.perf_counter()
     rows = run(args)
     md = table(rows)

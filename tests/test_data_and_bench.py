@@ -116,3 +116,10 @@ def test_bench_rejects_bad_growth_specs(spec, pattern, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--grow", spec])
     assert pattern in capsys.readouterr().err
+
+
+def test_bench_without_transformers_says_what_to_install_before_any_work(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if the bench extra were not installed
+    monkeypatch.setattr(bench, "run", lambda args: pytest.fail("the benchmark started without transformers"))
+    with pytest.raises(SystemExit, match=r"needs transformers: pip install 'geomopt\[bench\]'"):
+        bench.run_bench(["--preset", "tiny", "--quiet"])
