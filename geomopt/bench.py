@@ -304,7 +304,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=None, help="validation every N steps (default: steps // 6)")
     for name in OPTIMIZERS:
         p.add_argument(f"--lr-{name}", type=float, default=None, help=f"learning rate of {name}")
-    p.add_argument("--block-size", type=int, default=32, help="POET block size b, the same for every preset (default 32; hidden / 4 on the small preset)")
+    p.add_argument("--block-size", type=int, default=32,
+                   help="POET block size b, the same for every preset (default 32: hidden / 4 on the small preset)")
     p.add_argument("--merge-every", type=int, default=50, help="POET merge interval in steps")
     p.add_argument("--neumann-terms", type=int, default=5, help="POET's Cayley-Neumann terms k")
     p.add_argument("--rank", type=int, default=32, help="ReLoRA and DLRA rank (ReLoRA alpha = rank, so s = 1)")
