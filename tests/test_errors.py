@@ -107,3 +107,16 @@ def test_empty_and_tiny_weights_are_handled(cls, kwargs):
         p.grad = torch.randn_like(p)
     opt.step()
     assert "exp_avg" in opt.state[empty] and torch.isfinite(tiny).all() and torch.isfinite(other).all()
+
+
+@pytest.mark.parametrize("cls", [geomopt.POET, geomopt.ReLoRAReset, geomopt.DLRAMomentum])
+def test_a_model_with_nothing_to_route_warns_that_it_gets_adamw(cls):
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten())
+    with pytest.warns(UserWarning, match=f"{cls.__name__} routes none of its 4 parameters") as seen:
+        cls(conv, lr=1e-3)
+    assert seen[0].filename == __file__  # points at the caller's line
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cls(model(), lr=1e-3, **({"rank": 4} if cls is not geomopt.POET else {}))  # Linear weights: no warning

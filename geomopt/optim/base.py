@@ -29,7 +29,7 @@ from .functional import adam_state, choose_impl, fused_supported, prepared_adam
 from .guard import HeldInterrupt, Retry, plain_mode
 from .inner import inner_rule
 from .loading import checked_groups
-from .routing import build_param_groups, is_factorized
+from .routing import build_param_groups, is_factorized, warn_if_nothing_routed
 from .sharded import gather, global_all, is_dtensor, local_state, scatter, to_local
 
 __all__ = ["FactorOptimizer", "GroupPlan", "NONFINITE_POLICIES", "EDIT_POLICIES"]
@@ -85,6 +85,7 @@ class FactorOptimizer(Optimizer):
         self._building = True  # __init__ warns about unnamed parameters once; its add_param_group calls do not
         super().__init__(build_param_groups(params), defaults)
         self._building = False
+        warn_if_nothing_routed(self)
 
     def _init_runtime(self) -> None:
         """What lives only in this process (not pickled, not in the state_dict)."""

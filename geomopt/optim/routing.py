@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["EXCLUDED_NAME", "build_param_groups", "is_factorized"]
+__all__ = ["EXCLUDED_NAME", "build_param_groups", "is_factorized", "warn_if_nothing_routed"]
 
 # Names of parameters that are never factorized when names are known (embeddings and output heads).
 EXCLUDED_NAME = re.compile(
@@ -121,3 +121,13 @@ def build_param_groups(params: Any, warn: bool = True) -> list[dict[str, Any]]:
     if not groups:
         raise ValueError("params: the optimizer got an empty parameter list")
     return groups
+
+
+def warn_if_nothing_routed(opt: torch.optim.Optimizer) -> None:
+    """Warn when no parameter of ``opt`` is routed to its method: the optimizer would silently be AdamW."""
+    params = [(p, g) for g in opt.param_groups for p in g["params"]]
+    if params and not any(is_factorized(p, g) for p, g in params):
+        warnings.warn(f"geomopt: {type(opt).__name__} routes none of its {len(params)} parameters to its method, so "
+                      "it steps all of them as AdamW. From a model only nn.Linear weights are routed (not "
+                      "embeddings, the LM head, convolutions or tensors that are not 2-D); a 2-D tensor in a param "
+                      "group without factorize=False is routed.", UserWarning, stacklevel=4)
