@@ -70,7 +70,7 @@ class FactorOptimizer(Optimizer):
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, inner: type | None = torch.optim.AdamW,
                  inner_kwargs: dict[str, Any] | None = None, seed: int = 0, nonfinite: str = "skip",
-                 external_edits: str = "rebase"):
+                 external_edits: str = "rebase", include: Any = None, exclude: Any = None):
         check_hyper(defaults, self.CAPTURABLE)
         check_number("seed", seed, integer=True)
         if nonfinite not in NONFINITE_POLICIES:
@@ -83,7 +83,7 @@ class FactorOptimizer(Optimizer):
         self.external_edits = external_edits
         self._init_runtime()
         self._building = True  # __init__ warns about unnamed parameters once; its add_param_group calls do not
-        super().__init__(build_param_groups(params), defaults)
+        super().__init__(build_param_groups(params, include=include, exclude=exclude), defaults)
         self._building = False
         warn_if_nothing_routed(self)
 

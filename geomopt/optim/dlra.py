@@ -79,7 +79,8 @@ class DLRAMomentum(FactorOptimizer):
                  min_rank: int = 1, max_rank: int | None = None, stabilize_every: int = 0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
                  dense_lr: float | None = None, dense_weight_decay: float | None = None,
-                 seed: int = 0, nonfinite: str = "skip", external_edits: str = "rebase", maximize: bool = False,
+                 seed: int = 0, nonfinite: str = "skip", external_edits: str = "rebase", include: Any = None,
+                 exclude: Any = None, maximize: bool = False,
                  foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
                  differentiable: bool = False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, factorize=True, rank=rank,
@@ -87,7 +88,8 @@ class DLRAMomentum(FactorOptimizer):
                         max_rank=max_rank, stabilize_every=stabilize_every,
                         **dense_defaults(lr, dense_lr, dense_weight_decay),
                         **flag_defaults(maximize, foreach, fused, capturable, differentiable))
-        super().__init__(params, defaults, inner=None, seed=seed, nonfinite=nonfinite, external_edits=external_edits)
+        super().__init__(params, defaults, inner=None, seed=seed, nonfinite=nonfinite, external_edits=external_edits,
+                         include=include, exclude=exclude)
 
     def _overwrites(self, group: dict[str, Any]) -> bool:
         return True  # W is rewritten as U S V^T

@@ -24,6 +24,10 @@ COMMON_ARGS_DOC = r"""
         private instance whose step fires no optimizer hooks.
     inner_kwargs: keyword arguments of ``inner`` other than ``lr`` (default for AdamW:
         ``weight_decay=0``, so factors are not decayed).
+    include, exclude: module-name patterns (a model or ``named_parameters()`` only): a regular expression that
+        matches a module's whole name, or its last dotted parts (``"q_proj"``). ``include``: only those modules'
+        weights get the method (the default name rule does not apply to them); ``exclude``: those get AdamW. A
+        pattern that matches no module raises ValueError.
     seed: seed of the per-parameter generators; every rank and every resumed run draws the same.
     nonfinite: ``"skip"`` (default) skips the step of a parameter whose gradient holds NaN/Inf and
         counts it in ``stats``; ``"raise"`` raises ``FloatingPointError`` before anything changes.

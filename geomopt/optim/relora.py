@@ -117,7 +117,8 @@ class ReLoRAReset(FactorOptimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
                  dense_lr: float | None = None, dense_weight_decay: float | None = None,
                  inner: type = torch.optim.AdamW, inner_kwargs: dict[str, Any] | None = None,
-                 seed: int = 0, nonfinite: str = "skip", external_edits: str = "rebase", maximize: bool = False,
+                 seed: int = 0, nonfinite: str = "skip", external_edits: str = "rebase", include: Any = None,
+                 exclude: Any = None, maximize: bool = False,
                  foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
                  differentiable: bool = False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, factorize=True, rank=rank,
@@ -126,7 +127,7 @@ class ReLoRAReset(FactorOptimizer):
                         **dense_defaults(lr, dense_lr, dense_weight_decay),
                         **flag_defaults(maximize, foreach, fused, capturable, differentiable))
         super().__init__(params, defaults, inner=inner, inner_kwargs=inner_kwargs, seed=seed, nonfinite=nonfinite,
-                         external_edits=external_edits)
+                         external_edits=external_edits, include=include, exclude=exclude)
 
     def _check_group(self, group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
         check_rank(group, factorized)

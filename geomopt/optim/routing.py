@@ -1,10 +1,17 @@
-"""Which parameters get the method (factorized) and which get AdamW.
+r"""Which parameters get the method (factorized) and which get AdamW.
 
 Rules: 2-D weights of ``nn.Linear`` layers are factorized; embeddings, the LM head (tied or not) and
 every tensor that is not 2-D get AdamW. A group with ``factorize=False`` is AdamW throughout. A frozen
 parameter (``requires_grad=False``) is routed like the others and steps once it has a gradient, as with
 ``torch.optim.AdamW(model.parameters())``. Parameters given with names (``model.named_parameters()``, or
 (name, tensor) pairs in a group) keep them: torch stores them as the group's ``param_names``.
+
+``include`` / ``exclude`` (a model or named parameters only) take module-name patterns: a pattern matches a
+parameter when it is a regular expression that matches the whole name of the parameter's module
+(``r"layers\.\d+\.mlp\..*"``), or that name's last dotted parts (``"q_proj"``, ``"self_attn.q_proj"``). With
+``include`` only the matching modules' weights are routed (the default name rule does not apply to them); the
+weights of the modules that ``exclude`` matches get AdamW. A pattern that matches no module is an error (a typo
+would otherwise route silently).
 """
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["EXCLUDED_NAME", "build_param_groups", "is_factorized", "warn_if_nothing_routed"]
+__all__ = ["EXCLUDED_NAME", "build_param_groups", "is_factorized", "warn_if_nothing_routed", "Targets"]
 
 # Names of parameters that are never factorized when names are known (embeddings and output heads).
 EXCLUDED_NAME = re.compile(
@@ -35,6 +42,52 @@ def is_factorized(p: torch.Tensor, group: dict[str, Any]) -> bool:
     return bool(group.get("factorize", True)) and p.dim() == 2 and p.numel() > 0 and p.is_floating_point()
 
 
+class Targets:
+    """``include`` / ``exclude`` module-name patterns (see the module docstring), checked at construction."""
+
+    def __init__(self, include: Any = None, exclude: Any = None) -> None:
+        self.include, self.exclude = self._patterns("include", include), self._patterns("exclude", exclude)
+        self.used: set[str] = set()
+
+    @staticmethod
+    def _patterns(arg: str, value: Any) -> list[str] | None:
+        if value is None:
+            return None
+        items = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple, set)) else None
+        if not items or not all(isinstance(x, str) and x for x in items):
+            raise TypeError(f"{arg} must be a module-name pattern or a list of them (non-empty strings), got {value!r}")
+        for x in items:
+            try:
+                re.compile(x)
+            except re.error as err:
+                raise ValueError(f"{arg}: {x!r} is not a valid regular expression ({err})") from None
+        return items
+
+    @property
+    def active(self) -> bool:
+        return self.include is not None or self.exclude is not None
+
+    def _hits(self, patterns: list[str] | None, module: str) -> bool:
+        hit = False
+        for x in patterns or ():
+            if re.fullmatch(x, module) or module == x or module.endswith("." + x):
+                self.used.add(x)
+                hit = True
+        return hit
+
+    def route(self, name: str, default: bool) -> bool:
+        """Whether the parameter ``name`` (a routable 2-D weight, ``default`` its default route) is routed."""
+        module = name.rsplit(".", 1)[0] if "." in name else ""
+        routed = self._hits(self.include, module) if self.include is not None else default
+        return routed and not self._hits(self.exclude, module)
+
+    def check_used(self) -> None:
+        for arg, patterns in (("include", self.include), ("exclude", self.exclude)):
+            unused = [x for x in patterns or () if x not in self.used]
+            if unused:
+                raise ValueError(f"{arg}: {unused} match no module with a routable weight")
+
+
 def _head_weights(model: nn.Module) -> set[int]:
     ids: set[int] = set()
     get_out = getattr(model, "get_output_embeddings", None)
@@ -48,7 +101,7 @@ def _head_weights(model: nn.Module) -> set[int]:
     return ids
 
 
-def _from_module(model: nn.Module) -> list[dict[str, Any]]:
+def _from_module(model: nn.Module, targets: Targets) -> list[dict[str, Any]]:
     excluded = _head_weights(model)
     routed, dense, seen = [], [], set()
     linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
@@ -56,14 +109,15 @@ def _from_module(model: nn.Module) -> list[dict[str, Any]]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        if id(p) in linear_weights and id(p) not in excluded and p.dim() == 2 and not EXCLUDED_NAME.search(name):
+        default = id(p) not in excluded and not EXCLUDED_NAME.search(name)
+        if id(p) in linear_weights and p.dim() == 2 and targets.route(name, default):
             routed.append(p)
         else:
             dense.append(p)
     return _two_groups(routed, dense)
 
 
-def _from_named(named: list[tuple[str, torch.Tensor]]) -> list[dict[str, Any]]:
+def _from_named(named: list[tuple[str, torch.Tensor]], targets: Targets) -> list[dict[str, Any]]:
     routed, dense, seen = [], [], set()
     for name, p in named:
         if not isinstance(p, torch.Tensor):
@@ -71,7 +125,7 @@ def _from_named(named: list[tuple[str, torch.Tensor]]) -> list[dict[str, Any]]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        (routed if p.dim() == 2 and not EXCLUDED_NAME.search(name) else dense).append((name, p))
+        (routed if p.dim() == 2 and targets.route(name, not EXCLUDED_NAME.search(name)) else dense).append((name, p))
     return _two_groups(routed, dense)
 
 
@@ -88,11 +142,15 @@ def _as_list(params: Any) -> list:
     return [params] if isinstance(params, torch.Tensor) else list(params)
 
 
-def build_param_groups(params: Any, warn: bool = True) -> list[dict[str, Any]]:
+def build_param_groups(params: Any, warn: bool = True, include: Any = None, exclude: Any = None
+                       ) -> list[dict[str, Any]]:
     """Turn what a user passes (module, named_parameters(), params, or param groups) into groups; ``warn``:
-    warn when 2-D parameters come without names (they are all factorized)."""
+    warn when 2-D parameters come without names (they are all factorized); ``include`` / ``exclude``: module-name
+    patterns (a module or named parameters only)."""
+    targets = Targets(include, exclude)
     if isinstance(params, nn.Module):
-        groups = _from_module(params)
+        groups = _from_module(params, targets)
+        targets.check_used()
     else:
         if isinstance(params, torch.Tensor):
             raise TypeError(
@@ -103,7 +161,11 @@ def build_param_groups(params: Any, warn: bool = True) -> list[dict[str, Any]]:
         if not items:
             raise ValueError("params: the optimizer got an empty parameter list")
         if all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items):
-            groups = _from_named(items)
+            groups = _from_named(items, targets)
+            targets.check_used()
+        elif targets.active:
+            raise ValueError("include / exclude match module names: pass the model or model.named_parameters(), "
+                             "not plain tensors or param groups")
         elif all(isinstance(x, dict) for x in items):
             groups = [dict(g, params=_as_list(g["params"]) if "params" in g else []) for g in items]
             n2d = sum(1 for g in groups if "factorize" not in g for p in g["params"]
