@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from . import data as corpus
-from .bench_report import plot, state_bytes, table, trainable_count
+from .bench_report import COLUMNS, plot, state_bytes, table, trainable_count
 from .grow import expand, parse_growth
 from .in_backward import step_in_backward
 from .init import normalized_gaussian_
@@ -379,7 +379,7 @@ def run_bench(argv: list[str] | None = None) -> list[dict[str, Any]]:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps({"args": vars(args), "machine": machine, "rows": rows}, indent=2))
-        (out / "table.md").write_text(f"{title}; {machine}\n\n{md}\n")
+        (out / "table.md").write_text(f"{title}; {machine}\n\n{md}\n\n{COLUMNS}\n")
         if not plot(rows, out / "loss.png", f"{title}\n{machine}"):
             print("loss.png not written: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
     return rows

@@ -81,6 +81,19 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+COLUMNS = """Columns. val loss: the validation loss at the end, in nats per byte of the held-out part of the corpus;
+val ppl: its exponential. tokens/s: training tokens per second of training time (forward, backward and step;
+validation excluded). step ms: the mean wall time per step of `optimizer.step()`, `zero_grad` and the scheduler
+("in backward": the step runs inside the backward pass). optimizer state: the largest size over the run of the
+tensors the optimizer holds (factors, moments, permutations). peak RSS: the peak resident memory of the process
+that trained the row (each optimizer trains in its own process; on CUDA, peak allocated memory). trainable: the
+scalars the optimizer trains (the AdamW-routed tensors in full; for a factorized weight, the factors that stand in
+for it). merges (early) / resets: POET's merges summed over the weights (one weight merging counts once), the
+safeguard's early merges in parentheses; ReLoRA's resets summed over the weights. spectrum drift: the largest
+relative change of any singular value of the model's `nn.Linear` weights (those geomopt routes) since the start
+("-" after growth). In parentheses: the ratio to the adamw row, torch's fused AdamW where the device has it."""
+
+
 def _ms(r: dict[str, Any]) -> str:
     return "in backward" if r["step_ms"] is None else f"{r['step_ms']:.1f}"
 
@@ -102,10 +115,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     for r in rows:
         tokens, losses = zip(*r["curve"])
         ax.plot(tokens, losses, marker="o", markersize=3, label=f"{r['optimizer']} ({r['val_loss']:.3f})")
-    finite = [loss for r in rows for _, loss in r["curve"] if math.isfinite(loss)]
-    if finite:  # the untrained point sits far above the rest; keep the trained part readable
-        trained = [loss for r in rows for _, loss in r["curve"][1:] if math.isfinite(loss)] or finite
-        ax.set_ylim(min(trained) - 0.05, max(trained) + 0.1 * (max(trained) - min(trained) + 0.1))
+    if all(loss > 0 for r in rows for _, loss in r["curve"] if math.isfinite(loss)):
+        ax.set_yscale("log")  # the untrained start stays in view and the trained end stays readable
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation loss (nats/byte)")
     ax.set_title(title, fontsize=9)

@@ -67,6 +67,9 @@ def test_bench_tiny_writes_results_table_and_plot(tmp_path):
     for r in rows:
         line = next(x for x in md.splitlines() if x.startswith(f"| {r['optimizer']} |"))
         assert f"| {r['val_loss']:.4f} |" in line
+    head = next(x for x in md.splitlines() if x.startswith("| optimizer |"))
+    for col in [c.strip() for c in head.strip("|").split("|")][2:]:  # every column after optimizer and lr
+        assert f"{col}:" in md.split("Columns.", 1)[1], col  # is defined under the table
     png = (tmp_path / "loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
