@@ -20,6 +20,11 @@ __all__ = ["DLRAMomentum", "METHODS"]
 METHODS = ("heavy_ball", "adam")
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The reduction over ranks of a weight that is not sharded: none."""
+    return t
+
+
 @fill_args_doc
 class DLRAMomentum(FactorOptimizer):
     r"""Momentum on the fixed-rank manifold (Schotthöfer, Klein, Kusch, arXiv 2506.17475).
@@ -194,15 +199,11 @@ class DLRAMomentum(FactorOptimizer):
         if "exp_avg_sq" in sts[0]:
             stacked["exp_avg_sq"] = torch.stack([st["exp_avg_sq"] for st in sts])
         xi = tangent_project(u, v, dense_stack(grads, u.dtype))
-        direction, new = self._direction(xi, stacked, group, params[0].shape[0], lambda t: t)
+        direction, new = self._direction(xi, stacked, group, params[0].shape[0], _local)
         write = None
         if lr != 0:  # else nothing moves (a schedule at zero): no retraction and its rounding
-            r = s.shape[-1]
-            max_rank = group["max_rank"] if group["max_rank"] is not None else 2 * r
-            u2, s2, v2 = retract(u, s, v, direction, lr, rank=r, max_rank=min(max_rank, *params[0].shape))
-            if group["stabilize_every"] and new["step"] % group["stabilize_every"] == 0:
-                u2, s2, v2 = stabilize(u2, s2, v2)
-            new.update(exp_avg=list(transport(u, v, u2, v2, tuple(new["exp_avg"]))), U=u2, S=s2, V=v2)
+            u2, s2, v2, exp_avg = self._move(u, s, v, direction, new, group, lr, params[0].shape)
+            new.update(exp_avg=exp_avg, U=u2, S=s2, V=v2)
             weights = torch.bmm(u2 @ s2, v2.mT).to(params[0].dtype)
             write = functools.partial(torch._foreach_copy_, [to_local(p) for p in params], list(weights.unbind(0)))
         parts = {k: (list(zip(*(x.unbind(0) for x in val))) if k == "exp_avg" else val.unbind(0))
@@ -212,6 +213,20 @@ class DLRAMomentum(FactorOptimizer):
         self._commit_many(params, write, ups)
         if write is not None and not any(id(p) in self._origin for p in params):
             self._edits.record_stacked(params, weights)  # the fingerprints from what was written
+
+    @staticmethod
+    def _move(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, direction: tuple, new: dict[str, Any],
+              group: dict[str, Any], lr: float, shape: tuple[int, ...], row_qr: Any = None, reduce: Any = _local):
+        """The retraction of ``lr * direction`` (re-orthonormalized when ``stabilize_every`` is due at ``new``'s
+        step) and ``new``'s momentum transported to the new tangent space: (U', S', V', momentum). One weight, or
+        weights of one rank stacked (``rank_tol`` None); ``row_qr`` / ``reduce``: a row-sharded weight's."""
+        r = s.shape[-1]
+        max_rank = group["max_rank"] if group["max_rank"] is not None else 2 * r
+        u2, s2, v2 = retract(u, s, v, direction, lr, rank=r, rank_tol=group["rank_tol"], min_rank=group["min_rank"],
+                             max_rank=min(max_rank, *shape), row_qr=row_qr)
+        if group["stabilize_every"] and new["step"] % group["stabilize_every"] == 0:
+            u2, s2, v2 = stabilize(u2, s2, v2, row_qr=row_qr)
+        return u2, s2, v2, list(transport(u, v, u2, v2, tuple(new["exp_avg"]), reduce))
 
     def _direction(self, xi: tuple, st: dict[str, Any], group: dict[str, Any], m_rows: int, reduce: Any):
         """(direction, new momentum entries) from the tangent gradient ``xi``, out of place."""
@@ -236,7 +251,7 @@ class DLRAMomentum(FactorOptimizer):
     def _step_one(self, p: torch.Tensor, g: torch.Tensor, group: dict[str, Any], lr: float) -> None:
         st = self.state[p]
         shard = row_shard(p)  # FSDP2: U, xu and the gradient are this rank's rows
-        reduce = (lambda t: all_reduce(t, shard)) if shard is not None else (lambda t: t)
+        reduce = (lambda t: all_reduce(t, shard)) if shard is not None else _local
         row_qr = (lambda x: tsqr(x, shard)) if shard is not None else None
         u, s, v = to_local(st["U"]), st["S"], st["V"]
         xi = tangent_project(u, v, g.to(u.dtype), reduce)
@@ -246,13 +261,7 @@ class DLRAMomentum(FactorOptimizer):
                 updates["exp_avg"][1] = like(updates["exp_avg"][1], shard)
             self._commit(p, None, updates)
             return
-        r = s.shape[0]
-        max_rank = group["max_rank"] if group["max_rank"] is not None else 2 * r
-        u2, s2, v2 = retract(u, s, v, direction, lr, rank=r, rank_tol=group["rank_tol"],
-                             min_rank=group["min_rank"], max_rank=min(max_rank, *p.shape), row_qr=row_qr)
-        if group["stabilize_every"] and updates["step"] % group["stabilize_every"] == 0:
-            u2, s2, v2 = stabilize(u2, s2, v2, row_qr=row_qr)
-        exp_avg = list(transport(u, v, u2, v2, tuple(updates["exp_avg"]), reduce))
+        u2, s2, v2, exp_avg = self._move(u, s, v, direction, updates, group, lr, p.shape, row_qr, reduce)
         target, us = to_local(p), u2 @ s2
         if target.dtype == us.dtype and target.is_contiguous():  # the product written into W itself, in the commit
             write = functools.partial(torch.mm, us, v2.T, out=target)
