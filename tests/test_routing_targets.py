@@ -34,19 +34,18 @@ def routed(opt):
 
 TINY = Tiny()
 ALL = [f"layers.{i}.{m}.weight" for i in (0, 1) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj",
-                                                        "mlp.down_proj")]
+                                                        "mlp.down_proj", "attention.output.dense")]
 
 
 @pytest.mark.parametrize("make", MAKERS)
 def test_default_include_and_exclude(make):
-    assert routed(make(TINY)) == sorted(ALL)  # the name rule: BERT's attention.output.dense goes to AdamW
+    assert routed(make(TINY)) == sorted(ALL)  # BERT's attention.output.dense is routed; the untied lm_head is not
     assert routed(make(TINY, include="q_proj")) == ["layers.0.self_attn.q_proj.weight",
                                                     "layers.1.self_attn.q_proj.weight"]
     assert routed(make(TINY, include=r"layers\.\d+\.mlp\..*")) == sorted(n for n in ALL if ".mlp." in n)
     assert routed(make(TINY, exclude=["v_proj", "layers.1.mlp.up_proj"])) == sorted(
         n for n in ALL if "v_proj" not in n and n != "layers.1.mlp.up_proj.weight")
-    dense = ["layers.0.attention.output.dense.weight", "layers.1.attention.output.dense.weight"]
-    assert routed(make(TINY, include=["attention.output.dense"])) == dense  # include overrides the name rule
+    assert routed(make(TINY, include=["lm_head"])) == ["lm_head.weight"]  # include overrides the name rule
     assert routed(make(TINY.named_parameters(), include="q_proj", exclude=r"layers\.1\..*")) == [
         "layers.0.self_attn.q_proj.weight"]
 

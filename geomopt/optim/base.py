@@ -29,6 +29,7 @@ from .functional import adam_state, choose_impl, fused_supported, prepared_adam
 from .guard import HeldInterrupt, Retry, plain_mode
 from .inner import inner_rule
 from .loading import checked_groups
+from .route_table import RoutingTable, route_log, routing_table
 from .routing import build_param_groups, is_factorized, warn_if_nothing_routed
 from .sharded import gather, global_all, is_dtensor, local_state, scatter, to_local
 
@@ -83,9 +84,19 @@ class FactorOptimizer(Optimizer):
         self.external_edits = external_edits
         self._init_runtime()
         self._building = True  # __init__ warns about unnamed parameters once; its add_param_group calls do not
-        super().__init__(build_param_groups(params, include=include, exclude=exclude), defaults)
+        reasons: dict[int, Any] = {}
+        super().__init__(build_param_groups(params, include=include, exclude=exclude, reasons=reasons), defaults)
         self._building = False
+        self._routes = route_log(self.param_groups, reasons)
         warn_if_nothing_routed(self)
+
+    def routing(self) -> RoutingTable:
+        """Each parameter's name, shape, route (the method or AdamW) and the reason; ``print`` draws a table."""
+        return routing_table(self, getattr(self, "_routes", None))
+
+    def __repr__(self) -> str:
+        first, _, rest = super().__repr__().partition("\n")
+        return f"{first}\n{self.routing().summary()}\n{rest}"
 
     def _init_runtime(self) -> None:
         """What lives only in this process (not pickled, not in the state_dict)."""
@@ -99,7 +110,7 @@ class FactorOptimizer(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         out = super().__getstate__()
         out["_geomopt"] = dict(seed=self._seed, nonfinite=self.nonfinite, external_edits=self.external_edits,
-                               inner=self._inner)
+                               inner=self._inner, routes=getattr(self, "_routes", None))
         return out
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -114,6 +125,7 @@ class FactorOptimizer(Optimizer):
         self.nonfinite = conf.get("nonfinite", "skip")
         self.external_edits = conf.get("external_edits", "rebase")
         self._inner = conf["inner"] if "inner" in conf else inner_rule(torch.optim.AdamW, None)
+        self._routes = conf.get("routes")
         self._building = False
         for k, v in self.defaults.items():  # groups of an older pickle take the flags' defaults
             for group in self.param_groups:

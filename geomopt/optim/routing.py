@@ -1,7 +1,12 @@
 r"""Which parameters get the method (factorized) and which get AdamW.
 
-Rules: 2-D weights of ``nn.Linear`` layers are factorized; embeddings, the LM head (tied or not) and
-every tensor that is not 2-D get AdamW. A group with ``factorize=False`` is AdamW throughout. A frozen
+Rules: 2-D weights of ``nn.Linear`` layers (and of GPT-2's ``Conv1D``, its transposed Linear) are factorized;
+embeddings, the LM head (tied or not) and every tensor that is not 2-D get AdamW. From a model the head is
+``get_output_embeddings()``, a Linear tied to an embedding, or a Linear named ``lm_head``, ``output``,
+``head``, ``classifier`` or ``score`` (the module that owns the weight; a container of that name, such as
+BERT's ``attention.output`` or RoBERTa's ``lm_head``, does not make its Linears heads). Weights named after an
+embedding (``embed*``, ``wte``, ``wpe``, ``tok_embeddings``, ``word_embeddings``, ``position_embeddings``,
+``shared``, at any depth) get AdamW as well. A group with ``factorize=False`` is AdamW throughout. A frozen
 parameter (``requires_grad=False``) is routed like the others and steps once it has a gradient, as with
 ``torch.optim.AdamW(model.parameters())``. Parameters given with names (``model.named_parameters()``, or
 (name, tensor) pairs in a group) keep them: torch stores them as the group's ``param_names``.
@@ -22,12 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["EXCLUDED_NAME", "build_param_groups", "is_factorized", "warn_if_nothing_routed", "Targets"]
+__all__ = ["EXCLUDED_NAME", "build_param_groups", "is_factorized", "linear_weights", "warn_if_nothing_routed",
+           "Targets"]
 
+_EMBEDDING = r"(^|\.)(embed\w*|wte|wpe|tok_embeddings|word_embeddings|position_embeddings|shared)(\.|$)"
+_HEAD = r"(^|\.)(lm_head|output|head|classifier|score)\.[^.]+$"
 # Names of parameters that are never factorized when names are known (embeddings and output heads).
-EXCLUDED_NAME = re.compile(
-    r"(^|\.)(embed\w*|wte|wpe|lm_head|tok_embeddings|word_embeddings|position_embeddings|shared|output)(\.|$)"
-)
+EXCLUDED_NAME = re.compile(f"{_EMBEDDING}|{_HEAD}")
 
 _UNNAMED_WARNING = (
     "geomopt: {n} 2-D parameter(s) were given without names, so all of them are factorized, embeddings "
@@ -67,19 +73,27 @@ class Targets:
     def active(self) -> bool:
         return self.include is not None or self.exclude is not None
 
-    def _hits(self, patterns: list[str] | None, module: str) -> bool:
-        hit = False
+    def _hit(self, patterns: list[str] | None, module: str) -> str | None:
+        """The first pattern that matches ``module`` (every matching one counts as used)."""
+        hit = None
         for x in patterns or ():
             if re.fullmatch(x, module) or module == x or module.endswith("." + x):
                 self.used.add(x)
-                hit = True
+                hit = hit or x
         return hit
 
-    def route(self, name: str, default: bool) -> bool:
-        """Whether the parameter ``name`` (a routable 2-D weight, ``default`` its default route) is routed."""
+    def route(self, name: str, default: bool, why: str) -> tuple[bool, str]:
+        """Whether the parameter ``name`` (a routable 2-D weight, ``default`` its default route, ``why`` the reason
+        for it) is routed, and why."""
         module = name.rsplit(".", 1)[0] if "." in name else ""
-        routed = self._hits(self.include, module) if self.include is not None else default
-        return routed and not self._hits(self.exclude, module)
+        if self.include is not None:
+            hit = self._hit(self.include, module)
+            default, why = (True, f"include matched {hit!r}") if hit else (False, "not matched by include")
+        if default:
+            hit = self._hit(self.exclude, module)
+            if hit:
+                return False, f"exclude matched {hit!r}"
+        return default, why
 
     def check_used(self) -> None:
         for arg, patterns in (("include", self.include), ("exclude", self.exclude)):
@@ -89,35 +103,55 @@ class Targets:
 
 
 def _head_weights(model: nn.Module) -> set[int]:
-    ids: set[int] = set()
     get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
-        head = get_out()
-        if head is not None and getattr(head, "weight", None) is not None:
-            ids.add(id(head.weight))
-    for mod in model.modules():
-        if isinstance(mod, nn.Embedding):
-            ids.add(id(mod.weight))  # a Linear tied to an embedding is the head
-    return ids
+    head = get_out() if callable(get_out) else None
+    weight = getattr(head, "weight", None) if isinstance(head, nn.Module) else None
+    return {id(weight)} if isinstance(weight, torch.Tensor) else set()
 
 
-def _from_module(model: nn.Module, targets: Targets) -> list[dict[str, Any]]:
-    excluded = _head_weights(model)
-    routed, dense, seen = [], [], set()
-    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        default = id(p) not in excluded and not EXCLUDED_NAME.search(name)
-        if id(p) in linear_weights and p.dim() == 2 and targets.route(name, default):
-            routed.append(p)
-        else:
-            dense.append(p)
+def linear_weights(model: nn.Module) -> dict[int, str]:
+    """The weights of ``nn.Linear`` and of GPT-2's ``Conv1D`` (a Linear stored transposed), by id."""
+    out = {}
+    for m in model.modules():
+        if isinstance(m, nn.Linear) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf")):
+            if isinstance(getattr(m, "weight", None), torch.Tensor):
+                out[id(m.weight)] = type(m).__name__
+    return out
+
+
+def _name_rule(name: str) -> tuple[bool, str]:
+    hit = EXCLUDED_NAME.search(name)
+    return (True, "2-D weight") if hit is None else (False, f"name rule: {hit.group(0).strip('.')!r}")
+
+
+def _module_route(name: str, p: torch.Tensor, kinds: dict[str, Any], targets: Targets) -> tuple[bool, str]:
+    if p.dim() != 2:
+        return False, f"{p.dim()}-D"
+    if id(p) in kinds["embedding"]:
+        return False, "nn.Embedding weight (or tied to one)"
+    if id(p) not in kinds["linear"]:
+        owner = kinds["modules"].get(name.rsplit(".", 1)[0] if "." in name else "")
+        return False, f"2-D, not a Linear weight ({type(owner).__name__})"
+    default, why = _name_rule(name)
+    why = f"{kinds['linear'][id(p)]} weight" if default else why
+    if id(p) in kinds["head"]:
+        default, why = False, "output embeddings (the LM head)"
+    return targets.route(name, default, why)
+
+
+def _from_module(model: nn.Module, targets: Targets, reasons: dict[int, tuple[str, bool, str]]) -> list[dict[str, Any]]:
+    kinds = {"embedding": {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)},
+             "head": _head_weights(model), "linear": linear_weights(model), "modules": dict(model.named_modules())}
+    routed, dense = [], []
+    for name, p in model.named_parameters():  # each tensor once (tied ones under their first name)
+        go, why = _module_route(name, p, kinds, targets)
+        reasons[id(p)] = (name, go, why)
+        (routed if go else dense).append(p)
     return _two_groups(routed, dense)
 
 
-def _from_named(named: list[tuple[str, torch.Tensor]], targets: Targets) -> list[dict[str, Any]]:
+def _from_named(named: list[tuple[str, torch.Tensor]], targets: Targets, reasons: dict[int, tuple[str, bool, str]]
+                ) -> list[dict[str, Any]]:
     routed, dense, seen = [], [], set()
     for name, p in named:
         if not isinstance(p, torch.Tensor):
@@ -125,7 +159,9 @@ def _from_named(named: list[tuple[str, torch.Tensor]], targets: Targets) -> list
         if id(p) in seen:
             continue
         seen.add(id(p))
-        (routed if p.dim() == 2 and targets.route(name, not EXCLUDED_NAME.search(name)) else dense).append((name, p))
+        go, why = targets.route(name, *_name_rule(name)) if p.dim() == 2 else (False, f"{p.dim()}-D")
+        reasons[id(p)] = (name, go, why)
+        (routed if go else dense).append((name, p))
     return _two_groups(routed, dense)
 
 
@@ -142,14 +178,16 @@ def _as_list(params: Any) -> list:
     return [params] if isinstance(params, torch.Tensor) else list(params)
 
 
-def build_param_groups(params: Any, warn: bool = True, include: Any = None, exclude: Any = None
-                       ) -> list[dict[str, Any]]:
+def build_param_groups(params: Any, warn: bool = True, include: Any = None, exclude: Any = None,
+                       reasons: dict[int, tuple[str, bool, str]] | None = None) -> list[dict[str, Any]]:
     """Turn what a user passes (module, named_parameters(), params, or param groups) into groups; ``warn``:
     warn when 2-D parameters come without names (they are all factorized); ``include`` / ``exclude``: module-name
-    patterns (a module or named parameters only)."""
+    patterns (a module or named parameters only); ``reasons``: filled with (name, routed, why) by tensor id
+    where names are known."""
     targets = Targets(include, exclude)
+    reasons = {} if reasons is None else reasons
     if isinstance(params, nn.Module):
-        groups = _from_module(params, targets)
+        groups = _from_module(params, targets, reasons)
         targets.check_used()
     else:
         if isinstance(params, torch.Tensor):
@@ -161,7 +199,7 @@ def build_param_groups(params: Any, warn: bool = True, include: Any = None, excl
         if not items:
             raise ValueError("params: the optimizer got an empty parameter list")
         if all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items):
-            groups = _from_named(items, targets)
+            groups = _from_named(items, targets, reasons)
             targets.check_used()
         elif targets.active:
             raise ValueError("include / exclude match module names: pass the model or model.named_parameters(), "
@@ -190,6 +228,7 @@ def warn_if_nothing_routed(opt: torch.optim.Optimizer) -> None:
     params = [(p, g) for g in opt.param_groups for p in g["params"]]
     if params and not any(is_factorized(p, g) for p, g in params):
         warnings.warn(f"geomopt: {type(opt).__name__} routes none of its {len(params)} parameters to its method, so "
-                      "it steps all of them as AdamW. From a model only nn.Linear weights are routed (not "
-                      "embeddings, the LM head, convolutions or tensors that are not 2-D); a 2-D tensor in a param "
-                      "group without factorize=False is routed.", UserWarning, stacklevel=4)
+                      "it steps all of them as AdamW. From a model only nn.Linear (and GPT-2 Conv1D) weights "
+                      "are routed (not embeddings, the LM head, convolutions or tensors that are not 2-D); a 2-D "
+                      "tensor in a param group without factorize=False is routed. print(opt.routing()) lists why.",
+                      UserWarning, stacklevel=4)
