@@ -85,3 +85,18 @@ def test_the_table_survives_copies_and_checkpoints(method):
     old = pickle.loads(pickle.dumps(opt))
     del old._routes  # an optimizer pickled before the table existed: reasons from the groups, names by position
     assert [r.route for r in old.routing()] == [r.route for r in rows]
+
+
+@pytest.mark.parametrize("method", MAKERS)
+def test_a_group_whose_weights_were_replaced_by_flat_tensors_is_refused(method):
+    """What DeepSpeed ZeRO 1/2 do to a client optimizer (tests/test_deepspeed.py runs the real thing)."""
+    model = Net()
+    opt = MAKERS[method](model)
+    group = opt.param_groups[0]
+    flat = torch.cat([p.detach().reshape(-1) for p in group["params"]]).requires_grad_()
+    flat.grad = torch.ones_like(flat)
+    group["params"] = [flat]
+    before = flat.detach().clone()
+    with pytest.raises(RuntimeError, match=r"param group 0 held 2 weight\(s\) routed to the method .* DeepSpeed ZeRO"):
+        opt.step()
+    assert torch.equal(flat, before) and not opt.state

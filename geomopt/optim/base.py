@@ -29,7 +29,7 @@ from .functional import adam_state, choose_impl, fused_supported, prepared_adam
 from .guard import HeldInterrupt, Retry, plain_mode
 from .inner import inner_rule
 from .loading import checked_groups
-from .route_table import RoutingTable, route_log, routing_table
+from .route_table import RoutingTable, check_routes_kept, route_log, routing_table
 from .routing import build_param_groups, is_factorized, warn_if_nothing_routed
 from .sharded import gather, global_all, is_dtensor, local_state, scatter, to_local
 
@@ -202,6 +202,7 @@ class FactorOptimizer(Optimizer):
         gradients' non-finite flags and the fingerprints of the weights a method rewrites), then the decisions."""
         name = type(self).__name__
         staged, first = [], 0
+        check_routes_kept(self, getattr(self, "_routes", None))
         for group in self.param_groups:
             check_hyper(group, self.CAPTURABLE)
             self._check_group(group, [p for p in group["params"] if is_factorized(p, group)])

@@ -7,7 +7,7 @@ import torch
 
 from .routing import is_factorized
 
-__all__ = ["Route", "RoutingTable", "route_log", "routing_table"]
+__all__ = ["Route", "RoutingTable", "check_routes_kept", "route_log", "routing_table"]
 
 
 class Route(NamedTuple):
@@ -47,8 +47,24 @@ class RoutingTable(list):
 
 
 def route_log(groups: list[dict[str, Any]], reasons: dict[int, tuple[str, bool, str]]) -> list[list[Any]]:
-    """What construction knew of each parameter, aligned with the groups: (name, routed, reason), or None."""
-    return [[reasons.get(id(p)) for p in g["params"]] for g in groups]
+    """What construction knew of each parameter, aligned with the groups: (name, routed, reason); name and reason
+    are None where the parameter came without a name."""
+    return [[reasons.get(id(p)) or (None, is_factorized(p, g), None) for p in g["params"]] for g in groups]
+
+
+def check_routes_kept(opt: torch.optim.Optimizer, log: list[list[Any]] | None) -> None:
+    """Raise when a group that held weights routed to the method at construction holds none now: its tensors were
+    replaced, as DeepSpeed's ZeRO stages 1 and 2 do (they hand the optimizer flat 1-D partitions), and stepping
+    would silently be AdamW."""
+    for gi, (group, built) in enumerate(zip(opt.param_groups, log or ())):
+        had = sum(1 for entry in built if entry[1])
+        if had and not any(is_factorized(p, group) for p in group["params"]):
+            shapes = [tuple(p.shape) for p in group["params"]][:3]
+            raise RuntimeError(
+                f"{type(opt).__name__}: param group {gi} held {had} weight(s) routed to the method when it was built "
+                f"and holds none now (tensors of shapes {shapes}): its tensors were replaced, as DeepSpeed ZeRO "
+                "stages 1 and 2 do (they give the optimizer flat 1-D partitions). geomopt's methods step the weights "
+                "themselves: use DeepSpeed without ZeRO (stage 0), or FSDP2 (README, \"Where it runs\").")
 
 
 def _reason(p: torch.Tensor, group: dict[str, Any], known: tuple[bool, str] | None) -> str:
@@ -71,9 +87,9 @@ def routing_table(opt: torch.optim.Optimizer, log: list[list[Any]] | None) -> Ro
         known = log[gi] if log is not None and gi < len(log) and len(log[gi]) == len(group["params"]) else None
         names = group.get("param_names")
         for i, p in enumerate(group["params"]):
-            entry = known[i] if known is not None else None
-            name = entry[0] if entry else names[i] if names and i < len(names) else f"group{gi}.{i}"
-            why = _reason(p, group, entry[1:] if entry else None)
+            entry = known[i] if known is not None else (None, None, None)
+            name = entry[0] or (names[i] if names and i < len(names) else f"group{gi}.{i}")
+            why = _reason(p, group, entry[1:] if entry[2] is not None else None)
             if not p.requires_grad:
                 why += "; requires_grad=False (steps once it has a gradient)"
             rows.append(Route(name, tuple(p.shape), method if is_factorized(p, group) else "AdamW", why))
