@@ -5,7 +5,8 @@ pair from a short spec, ready for ``Trainer(optimizers=...)``:
 
 - ``adamw``: torch.optim.AdamW; ``poet``: geomopt.POET; ``relora``: geomopt.ReLoRAReset; ``dlra``:
   geomopt.DLRAMomentum. Keys after the colon are the optimizer's keyword arguments (ints, floats, bools,
-  None or strings), plus ``warmup`` (scheduler warm-up steps, default 1% of ``total_steps``) and
+  None or strings; ``include`` and ``exclude`` always strings, one pattern each), plus ``warmup``
+  (scheduler warm-up steps, default 1% of ``total_steps``) and
   ``min_lr_ratio`` (default 0.1).
 - The scheduler is a LambdaLR: cosine with warm-up, and for ReLoRA the jagged cosine
   (``geomopt.schedules.jagged_cosine``) that drops to 0 at every reset and warms up again over
@@ -29,6 +30,7 @@ from ..schedules import jagged_cosine
 
 __all__ = ["OPTIMIZERS", "parse_spec", "make_optimizer"]
 
+_PATTERNS = ("include", "exclude")  # module-name patterns: text even when they read as numbers
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "poet": POET, "relora": ReLoRAReset, "dlra": DLRAMomentum}
 
 
@@ -59,7 +61,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
         key, eq, value = (x.strip() for x in item.partition("="))
         if not eq or not key.isidentifier():
             raise ValueError(f"spec {spec!r}: expected key=value, got {item!r}")
-        kwargs[key] = _value(value)
+        kwargs[key] = value if key in _PATTERNS else _value(value)
     return name, kwargs
 
 
