@@ -32,10 +32,13 @@ from .optim.functional import fused_supported
 from .optim.routing import build_param_groups
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden=32, layers=2, heads=2, intermediate=64, seq_len=32, batch=4, steps=12, eval_windows=4),
-    "small": dict(hidden=128, layers=4, heads=4, intermediate=384, seq_len=128, batch=16, steps=300, eval_windows=32),
-    "60m": dict(hidden=512, layers=8, heads=8, intermediate=1376, seq_len=256, batch=64, steps=2000, eval_windows=64),
-}
+    "tiny": dict(hidden=32, layers=2, heads=2, intermediate=64, seq_len=32, batch=4, steps=12, eval_windows=4,
+                 block_size=8),
+    "small": dict(hidden=128, layers=4, heads=4, intermediate=384, seq_len=128, batch=16, steps=300, eval_windows=32,
+                  block_size=32),
+    "60m": dict(hidden=512, layers=8, heads=8, intermediate=1376, seq_len=256, batch=64, steps=2000, eval_windows=64,
+                block_size=128),
+}  # block_size: POET's b, hidden / 4
 
 IN_BACKWARD = "+bwd"  # optimizer-name suffix: step each weight inside backward (geomopt.step_in_backward)
 
@@ -304,8 +307,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=None, help="validation every N steps (default: steps // 6)")
     for name in OPTIMIZERS:
         p.add_argument(f"--lr-{name}", type=float, default=None, help=f"learning rate of {name}")
-    p.add_argument("--block-size", type=int, default=32,
-                   help="POET block size b, the same for every preset (default 32: hidden / 4 on the small preset)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="POET block size b (default: the preset's, hidden / 4: tiny 8, small 32, 60m 128)")
     p.add_argument("--merge-every", type=int, default=50, help="POET merge interval in steps")
     p.add_argument("--neumann-terms", type=int, default=5, help="POET's Cayley-Neumann terms k")
     p.add_argument("--rank", type=int, default=32, help="ReLoRA and DLRA rank (ReLoRA alpha = rank, so s = 1)")

@@ -126,3 +126,11 @@ def test_bench_without_transformers_says_what_to_install_before_any_work(monkeyp
     monkeypatch.setattr(bench, "run", lambda args: pytest.fail("the benchmark started without transformers"))
     with pytest.raises(SystemExit, match=r"needs transformers: pip install 'geomopt\[bench\]'"):
         bench.run_bench(["--preset", "tiny", "--quiet"])
+
+
+def test_block_size_defaults_to_a_quarter_of_the_presets_hidden_size():
+    for preset in bench.PRESETS:
+        args = bench.parse_args(["--preset", preset])
+        assert args.block_size == args.hidden // 4 and args.block_size >= 8
+        assert bench.parse_args(["--preset", preset, "--hidden", "64"]).block_size == args.block_size  # the preset's
+    assert bench.parse_args(["--preset", "60m", "--block-size", "16"]).block_size == 16
