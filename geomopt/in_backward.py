@@ -141,7 +141,7 @@ def step_in_backward(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     complete, and free that gradient (see the module docstring). ``model`` is the module the loss comes
     from (a ``DistributedDataParallel`` wrapper included). Returns a handle with ``no_step()`` (gradient
     accumulation: all micro-batches but the last) and ``remove()``. After it, ``optimizer.step()`` and
-    ``zero_grad()`` are no-ops you may keep in the loop; learning-rate schedulers work as before.
+    ``zero_grad()`` are no-ops you may keep in the loop; learning-rate schedulers work as before::
 
         handle = geomopt.step_in_backward(model, opt)
         for batch in data:

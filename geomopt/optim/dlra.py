@@ -57,12 +57,12 @@ class DLRAMomentum(FactorOptimizer):
 
     Args:
 <COMMON_ARGS_NO_INNER>
-    rank: r, the rank of every routed weight (<= min(m, n)); with ``rank_tol`` the starting rank.
-    momentum: beta of heavy-ball, or beta1 of Adam.
-    method: ``"heavy_ball"`` or ``"adam"``.
-    beta2: Adam's second-moment decay (``method="adam"``); Adam's epsilon is ``eps``.
-    rank_tol, min_rank, max_rank: rank adaptivity (see 3. above); ``rank_tol=None`` keeps r fixed.
-    stabilize_every: re-orthonormalize U, V every N steps (0: never).
+        rank: r, the rank of every routed weight (<= min(m, n)); with ``rank_tol`` the starting rank.
+        momentum: beta of heavy-ball, or beta1 of Adam.
+        method: ``"heavy_ball"`` or ``"adam"``.
+        beta2: Adam's second-moment decay (``method="adam"``); Adam's epsilon is ``eps``.
+        rank_tol, min_rank, max_rank: rank adaptivity (see 3. above); ``rank_tol=None`` keeps r fixed.
+        stabilize_every: re-orthonormalize U, V every N steps (0: never).
 
     Example:
         >>> import torch, geomopt

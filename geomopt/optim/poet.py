@@ -86,23 +86,23 @@ class POETOptimizer(FactorOptimizer):
 
     Args:
 <COMMON_ARGS>
-    block_size: block size b (int >= 2); in ``"fs"`` mode also a fraction in (0, 1]. Default (None):
-        256 (the paper's POET-BS setting), clamped to each side's dimension, so small models work;
-        an explicit size larger than every routed weight is an error.
-    mode: ``"bs"`` (block-stochastic, default) or ``"fs"`` (fully stochastic).
-    neumann_terms: k of the Cayley-Neumann series (default 5; the paper's ablation: 1 does not
-        converge). k = 4 keeps the spectrum better (orthogonality error O(||Q||^10) vs O(||Q||^6)).
-    exact_cayley: use the exact Cayley map (a batched Cholesky factorization) instead of the Neumann series.
-    merge_every: merge-then-reinitialize interval in steps.
-    store_base: keep W0 (paper mode, default). ``False`` is lean mode: no dense copy, W rewritten
-        incrementally as W <- (D_new D_old^-1) W (E_old^-1 E_new) on the blocks (b x b inverses; for
-        orthogonal blocks D^-1 = D^T), so it equals paper mode up to rounding for every k.
-    max_q_norm: threshold of the safeguard above (``None`` turns it off).
-    row_shards: cut each row permutation into this many equal consecutive parts and block each part on
-        its own (weights whose rows it does not divide, and ``"fs"`` mode, keep one part). Default
-        (None): 1, and under FSDP2 the mesh size, so that no row block crosses a shard and the step needs
-        no gathered weight (see README, "Where it runs"). Pass the FSDP2 mesh size to a single-process
-        run to reproduce a sharded one.
+        block_size: block size b (int >= 2); in ``"fs"`` mode also a fraction in (0, 1]. Default (None):
+            256 (the paper's POET-BS setting), clamped to each side's dimension, so small models work;
+            an explicit size larger than every routed weight is an error.
+        mode: ``"bs"`` (block-stochastic, default) or ``"fs"`` (fully stochastic).
+        neumann_terms: k of the Cayley-Neumann series (default 5; the paper's ablation: 1 does not
+            converge). k = 4 keeps the spectrum better (orthogonality error O(||Q||^10) vs O(||Q||^6)).
+        exact_cayley: use the exact Cayley map (a batched Cholesky factorization) instead of the Neumann series.
+        merge_every: merge-then-reinitialize interval in steps.
+        store_base: keep W0 (paper mode, default). ``False`` is lean mode: no dense copy, W rewritten
+            incrementally as W <- (D_new D_old^-1) W (E_old^-1 E_new) on the blocks (b x b inverses; for
+            orthogonal blocks D^-1 = D^T), so it equals paper mode up to rounding for every k.
+        max_q_norm: threshold of the safeguard above (``None`` turns it off).
+        row_shards: cut each row permutation into this many equal consecutive parts and block each part on
+            its own (weights whose rows it does not divide, and ``"fs"`` mode, keep one part). Default
+            (None): 1, and under FSDP2 the mesh size, so that no row block crosses a shard and the step needs
+            no gathered weight (see README, "Where it runs"). Pass the FSDP2 mesh size to a single-process
+            run to reproduce a sharded one.
 
     Example:
         >>> import torch, geomopt

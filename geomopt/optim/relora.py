@@ -87,14 +87,14 @@ class ReLoRAReset(FactorOptimizer):
 
     Args:
 <COMMON_ARGS>
-    rank: r of the update in each cycle (<= min(m, n) of every routed weight).
-    alpha: LoRA scale numerator; s = alpha / rank.
-    reset_every: steps per cycle.
-    prune_ratio: fraction of each factor's inner state zeroed at a reset, in [0, 1) (paper: 0.99).
-    prune: ``"magnitude"`` (default), ``"random"`` or ``"reset"`` (drop the whole state).
-    warm_start_steps: the first steps train routed weights full-rank with the inner optimizer; then
-        that state is freed and the low-rank cycles begin.
-    restart_warmup_steps: steps of the post-reset lr warm-up (0 turns it off).
+        rank: r of the update in each cycle (<= min(m, n) of every routed weight).
+        alpha: LoRA scale numerator; s = alpha / rank.
+        reset_every: steps per cycle.
+        prune_ratio: fraction of each factor's inner state zeroed at a reset, in [0, 1) (paper: 0.99).
+        prune: ``"magnitude"`` (default), ``"random"`` or ``"reset"`` (drop the whole state).
+        warm_start_steps: the first steps train routed weights full-rank with the inner optimizer; then
+            that state is freed and the low-rank cycles begin.
+        restart_warmup_steps: steps of the post-reset lr warm-up (0 turns it off).
 
     Example:
         >>> import torch, geomopt
