@@ -100,3 +100,12 @@ def test_a_group_whose_weights_were_replaced_by_flat_tensors_is_refused(method):
     with pytest.raises(RuntimeError, match=r"param group 0 held 2 weight\(s\) routed to the method .* DeepSpeed ZeRO"):
         opt.step()
     assert torch.equal(flat, before) and not opt.state
+
+
+def test_factorize_set_to_false_mid_run_is_not_mistaken_for_replaced_tensors():
+    model = Net()
+    opt = geomopt.POET(model, block_size=4)
+    opt.param_groups[0]["factorize"] = False  # documented: the weights move to AdamW
+    model.lm_head(model.up(model.q_proj(model.embed(torch.arange(3))))).sum().backward()
+    opt.step()
+    assert all(r.route == "AdamW" for r in opt.routing())

@@ -53,12 +53,13 @@ def route_log(groups: list[dict[str, Any]], reasons: dict[int, tuple[str, bool, 
 
 
 def check_routes_kept(opt: torch.optim.Optimizer, log: list[list[Any]] | None) -> None:
-    """Raise when a group that held weights routed to the method at construction holds none now: its tensors were
-    replaced, as DeepSpeed's ZeRO stages 1 and 2 do (they hand the optimizer flat 1-D partitions), and stepping
-    would silently be AdamW."""
+    """Raise when a group that held weights routed to the method at construction holds none now although it still
+    factorizes (``factorize`` set to False moves them to AdamW, as documented): its tensors were replaced, as
+    DeepSpeed's ZeRO stages 1 and 2 do (they hand the optimizer flat 1-D partitions), and stepping would silently
+    be AdamW."""
     for gi, (group, built) in enumerate(zip(opt.param_groups, log or ())):
         had = sum(1 for entry in built if entry[1])
-        if had and not any(is_factorized(p, group) for p in group["params"]):
+        if had and group.get("factorize", True) and not any(is_factorized(p, group) for p in group["params"]):
             shapes = [tuple(p.shape) for p in group["params"]][:3]
             raise RuntimeError(
                 f"{type(opt).__name__}: param group {gi} held {had} weight(s) routed to the method when it was built "
