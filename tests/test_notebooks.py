@@ -25,3 +25,15 @@ def test_notebook_runs_and_plots(name, monkeypatch, tmp_path):
     if name == "growth.ipynb":
         text = "".join(o.get("text", "") for o in outputs)
         assert "grew after step 10" in text
+
+
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "growth.ipynb"])
+def test_notebooks_are_committed_with_their_outputs(name):
+    """They read on a code host: every code cell ran, in order, without an error, and the plot is saved
+    (``python examples/notebooks/execute.py`` refreshes them)."""
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1))
+    outputs = [o for cell in code for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs)
