@@ -103,6 +103,10 @@ class POETOptimizer(FactorOptimizer):
             (None): 1, and under FSDP2 the mesh size, so that no row block crosses a shard and the step needs
             no gathered weight (see README, "Where it runs"). Pass the FSDP2 mesh size to a single-process
             run to reproduce a sharded one.
+        lr_ref_block: scale the factors' lr per side by sqrt(``lr_ref_block`` / b), b that side's block size, so that
+        an lr carries over between block sizes: with the same per-entry step, ||Q||_2 of a b x b block grows about
+        like sqrt(b). ``lr`` is then the factors' lr at b = ``lr_ref_block``. None (default): the factors step at
+        ``lr`` at every b. The AdamW-routed tensors are not affected.
 
     Example:
         >>> import torch, geomopt
@@ -119,11 +123,12 @@ class POETOptimizer(FactorOptimizer):
     STAT_KEYS = ("merges", "early_merges")
     STATE_MARKER = "perm_row"
     STRUCTURAL = ("block_size", "mode", "store_base", "row_shards", "neumann_terms", "exact_cayley")
-    ADDED_SETTINGS = ("row_shards",)
+    ADDED_SETTINGS = ("row_shards", "lr_ref_block")
 
     def __init__(self, params: Any, lr: float = 1e-3, *, block_size: int | float | None = None, mode: str = "bs",
                  neumann_terms: int = 5, exact_cayley: bool = False, merge_every: int = 200,
                  store_base: bool = True, max_q_norm: float | None = 0.5, row_shards: int | None = None,
+                 lr_ref_block: int | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
                  dense_lr: float | None = None, dense_weight_decay: float | None = None,
                  inner: type = torch.optim.AdamW, inner_kwargs: dict[str, Any] | None = None,
@@ -134,7 +139,7 @@ class POETOptimizer(FactorOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, factorize=True,
                         block_size=block_size, mode=mode, neumann_terms=neumann_terms,
                         exact_cayley=exact_cayley, merge_every=merge_every, store_base=store_base,
-                        max_q_norm=max_q_norm, row_shards=row_shards,
+                        max_q_norm=max_q_norm, row_shards=row_shards, lr_ref_block=lr_ref_block,
                         **dense_defaults(lr, dense_lr, dense_weight_decay),
                         **flag_defaults(maximize, foreach, fused, capturable, differentiable))
         super().__init__(params, defaults, inner=inner, inner_kwargs=inner_kwargs, seed=seed, nonfinite=nonfinite,
@@ -313,15 +318,32 @@ class POETOptimizer(FactorOptimizer):
         iterations = None if adaptive else inverse_iterations(group, works[0].fdtype, bound)
         old, inv, grads, converged, bases = generator_grads(groups, batch, terms, iterations, keep_weights=(
             not group["store_base"] or device is not None))  # paper mode's capturable step keeps W where it must
-        inner = [s for w in works for s in w.inner_row + w.st["inner_col"]]
-        foreach, fused = self._inner_flags(group)
-        new_qs, new_inner = self._inner.updated([q for w in works for q in w.qs], grads, inner, lr, foreach=foreach,
-                                                fused=fused, found_inf=None if device is None else (~device.ok).float())
+        new_qs, new_inner = self._inner_update(group, works, grads, lr, device)
         plan = self._decide(group, works, batch, new_qs, new_inner, (old, inv), terms, converged, bound, device)
         if plan is None:  # a state from elsewhere broke the bound the iterations assumed: nothing is
             return self._step_run(group, groups, lr, adaptive=True)  # committed yet, so run again
         del old, inv
         self._commit_groups(group, groups, bases, batch, plan, new_qs, new_inner, terms)
+
+    def _inner_update(self, group: dict[str, Any], works: list[Work], grads: list, lr: Any,
+                      device: DeviceFlags | None) -> tuple[list, list]:
+        """New generators and inner states, out of place: one call of the inner rule per distinct factor lr
+        (``lr_ref_block`` scales it per side's block size; without it, one call)."""
+        qs = [q for w in works for q in w.qs]
+        inner = [s for w in works for s in w.inner_row + w.st["inner_col"]]
+        foreach, fused = self._inner_flags(group)
+        found_inf = None if device is None else (~device.ok).float()
+        by_scale: dict[float, list[int]] = {}
+        for i, scale in enumerate(settings.lr_scales(group, works)):
+            by_scale.setdefault(scale, []).append(i)
+        new_qs, new_inner = [None] * len(qs), [None] * len(qs)
+        for scale, at in by_scale.items():
+            out_q, out_s = self._inner.updated([qs[i] for i in at], [grads[i] for i in at], [inner[i] for i in at],
+                                               lr if scale == 1.0 else lr * scale, foreach=foreach, fused=fused,
+                                               found_inf=found_inf)
+            for i, q, s in zip(at, out_q, out_s):
+                new_qs[i], new_inner[i] = q, s
+        return new_qs, new_inner
 
     def _decide(self, group: dict[str, Any], works: list[Work], batch: ByKey, new_qs: list, new_inner: list,
                 olds: tuple, terms: int | None, converged: torch.Tensor | None, bound: float,

@@ -2,6 +2,7 @@
 side of a weight (``layout``, ``sizes``)."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ from ..geometry import block_layout, block_sizes
 from .checks import check_number
 from .inner import AdamRule
 
-__all__ = ["MODES", "SIDES", "DEFAULT_BLOCK", "layout", "sizes", "check_group", "check_capturable"]
+__all__ = ["MODES", "SIDES", "DEFAULT_BLOCK", "layout", "sizes", "lr_scales", "check_group", "check_capturable"]
 
 MODES = ("bs", "fs")
 SIDES = ("row", "col")
@@ -39,6 +40,18 @@ def sizes(dim: int, group: dict[str, Any], chunks: int = 1) -> list[tuple[int, i
     """[(blocks, b), ...] of a side of ``dim`` indices cut into ``chunks`` parts (see ``layout``)."""
     part = dim // chunks
     return [(nb * chunks, b) for nb, b in block_sizes(part, side_block(part, group), group["mode"] == "fs")]
+
+
+def lr_scales(group: dict[str, Any], works: list) -> list[float]:
+    """Per generator tensor of ``works`` (row blocks first, as ``Work.qs``): the factor of the group's lr it steps
+    with, sqrt(lr_ref_block / b) for its side's block size b, or 1.0 throughout without ``lr_ref_block``."""
+    ref = group.get("lr_ref_block")
+    out: list[float] = []
+    for w in works:
+        for side in (w.rows, w.cols):
+            b = max((idx.shape[1] for idx in side), default=1)
+            out += [1.0 if ref is None or b == ref else math.sqrt(ref / b)] * len(side)
+    return out
 
 
 def _check_block_size(group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
@@ -73,6 +86,8 @@ def check_group(group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
         check_number("max_q_norm", group["max_q_norm"], low=0.0, low_open=True)
     if group["row_shards"] is not None:
         check_number("row_shards", group["row_shards"], low=1, integer=True)
+    if group.get("lr_ref_block") is not None:
+        check_number("lr_ref_block", group["lr_ref_block"], low=1, integer=True)
 
 
 def check_capturable(group: dict[str, Any], nonfinite: str, external_edits: str, inner: Any) -> None:
