@@ -58,7 +58,8 @@ CONFIGS = {
     "poet-cnp4": Config(geomopt.POET, dict(lr=1e-2, block_size=4, merge_every=7, neumann_terms=4)),
     "poet-b2": Config(geomopt.POET, dict(lr=1e-2, block_size=2, merge_every=5)),
     "poet-b3-lean": Config(geomopt.POET, dict(lr=1e-2, block_size=3, merge_every=5, store_base=False)),
-    "poet-lamb": Config(geomopt.POET, dict(lr=1e-2, block_size=4, merge_every=7, inner=torch_optimizer.Lamb)),
+    "poet-lamb": Config(geomopt.POET, dict(lr=1e-2, block_size=4, merge_every=7, inner=torch_optimizer.Lamb,
+                                           lr_ref_block=4)),  # lr tuned as the factors' lr at b = 4
     "relora": Config(geomopt.ReLoRAReset, dict(lr=1e-2, rank=2, alpha=4, reset_every=7, restart_warmup_steps=2),
                      RANK1),
     "relora-r1": Config(geomopt.ReLoRAReset, dict(lr=1e-2, rank=1, alpha=2, reset_every=4, restart_warmup_steps=0)),

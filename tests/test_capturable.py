@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import step_cost  # noqa: E402
 
 SHAPES = [(20, 13), (20, 20), (20, 20), (20, 20), (12, 20), (12, 12)]  # ragged blocks of 8, groups of one shape
-LEAN = dict(lr=2e-2, block_size=8, merge_every=5, store_base=False)
+LEAN = dict(lr=2e-2, block_size=8, merge_every=5, store_base=False, lr_ref_block=8)  # lr is the factors' lr at b = 8
 MODES = {"lean": {}, "paper": dict(store_base=True)}
 SYNC_OPS = ("_local_scalar_dense", "nonzero", "equal", "is_nonzero", "item", "Tensor.tolist")
 

@@ -1,6 +1,6 @@
 """``lr_ref_block``: the factors' lr scaled by sqrt(ref / b) keeps ||Q||_2 of the blocks in one range from b = 16 to
 b = 128 on one problem (without it ||Q||_2 grows about like sqrt(b)); each side takes its own block size; None
-is the old behaviour, bit for bit; bad values are refused by name."""
+is the old behaviour, bit for bit; 32 is the default; bad values are refused by name."""
 import math
 
 import pytest
@@ -16,12 +16,13 @@ def largest_q(opt, w):
                for q in st["q_row"] + st["q_col"])
 
 
-def fit(b, steps=10, n=128, m=128, **kw):
+def fit(b, steps=10, n=128, m=128, lr_ref_block=None, **kw):
     gen = torch.Generator().manual_seed(0)
     w = torch.nn.Parameter(torch.randn(m, n, generator=gen) / math.sqrt(n))
     x = torch.randn(256, n, generator=gen)
     y = x @ torch.randn(m, n, generator=gen).T / math.sqrt(n)
-    opt = geomopt.POET([("w", w)], lr=1e-3, block_size=b, merge_every=10**6, max_q_norm=None, **kw)
+    opt = geomopt.POET([("w", w)], lr=1e-3, block_size=b, merge_every=10**6, max_q_norm=None,
+                       lr_ref_block=lr_ref_block, **kw)
     for _ in range(steps):
         opt.zero_grad()
         ((x @ w.T - y) ** 2).mean().backward()
@@ -45,11 +46,12 @@ def test_each_side_scales_by_its_own_block_size_and_none_is_the_old_step():
         w = torch.nn.Parameter(torch.randn(128, 32, generator=gen) / math.sqrt(32))
         x = torch.randn(256, 32, generator=gen)
         y = x @ torch.randn(128, 32, generator=gen).T / math.sqrt(32)
-        plain = geomopt.POET([("w", w)], lr=lr, block_size=64, merge_every=10**6, max_q_norm=None)
+        plain = geomopt.POET([("w", w)], lr=lr, block_size=64, merge_every=10**6, max_q_norm=None, lr_ref_block=None)
         ((x @ w.T - y) ** 2).mean().backward()
         plain.step()
         for a, b in zip(ruled.state[w_ruled][side], plain.state[w][side]):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    assert geomopt.POET([("w", torch.nn.Parameter(torch.randn(8, 8)))]).defaults["lr_ref_block"] == 32
     old, w_old = fit(32, steps=3)
     same, w_same = fit(32, steps=3, lr_ref_block=32)  # b = ref: scale 1, the same call
     assert torch.equal(w_old, w_same)

@@ -41,7 +41,7 @@ def run_pair(mode, block, terms, steps=55, merge_every=20, lr=3e-3, store_base=T
     params = [(f"layers.{i}.weight", l.weight) for i, l in enumerate(layers)] + [("scale", scale)]
     opt = geomopt.POET(params, lr=lr, block_size=block, mode=mode, neumann_terms=terms or 5,
                        exact_cayley=terms is None, merge_every=merge_every, store_base=store_base,
-                       max_q_norm=None, weight_decay=0.01)
+                       max_q_norm=None, weight_decay=0.01, lr_ref_block=None)  # the reference's lr at every b
     prime(opt, [l.weight for l in layers] + [scale])
 
     fs = mode == "fs"

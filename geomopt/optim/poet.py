@@ -103,10 +103,11 @@ class POETOptimizer(FactorOptimizer):
             (None): 1, and under FSDP2 the mesh size, so that no row block crosses a shard and the step needs
             no gathered weight (see README, "Where it runs"). Pass the FSDP2 mesh size to a single-process
             run to reproduce a sharded one.
-        lr_ref_block: scale the factors' lr per side by sqrt(``lr_ref_block`` / b), b that side's block size, so that
-        an lr carries over between block sizes: with the same per-entry step, ||Q||_2 of a b x b block grows about
-        like sqrt(b). ``lr`` is then the factors' lr at b = ``lr_ref_block``. None (default): the factors step at
-        ``lr`` at every b. The AdamW-routed tensors are not affected.
+        lr_ref_block: scale the factors' lr per side by sqrt(``lr_ref_block`` / b), b that side's block size,
+            so that an lr carries over between block sizes: with the same per-entry step, ||Q||_2 of a b x b block
+            grows about like sqrt(b). ``lr`` is then the factors' lr at b = ``lr_ref_block``; default 32 (at
+            b = 256 the factors step at 0.35 ``lr``). None: the factors step at ``lr`` at every b (as before
+            the setting existed). The AdamW-routed tensors are not affected.
 
     Example:
         >>> import torch, geomopt
@@ -128,7 +129,7 @@ class POETOptimizer(FactorOptimizer):
     def __init__(self, params: Any, lr: float = 1e-3, *, block_size: int | float | None = None, mode: str = "bs",
                  neumann_terms: int = 5, exact_cayley: bool = False, merge_every: int = 200,
                  store_base: bool = True, max_q_norm: float | None = 0.5, row_shards: int | None = None,
-                 lr_ref_block: int | None = None,
+                 lr_ref_block: int | None = 32,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
                  dense_lr: float | None = None, dense_weight_decay: float | None = None,
                  inner: type = torch.optim.AdamW, inner_kwargs: dict[str, Any] | None = None,
