@@ -50,16 +50,27 @@ OPTIMIZERS = {
     "adamw-loop": (lambda m, lr, a: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01, foreach=False),
                    1e-3),
     "poet": (lambda m, lr, a: POET(m, lr=lr, block_size=a.block_size, merge_every=a.merge_every,
-                                   neumann_terms=a.neumann_terms, lr_ref_block=a.lr_ref_block), 3e-3),
+                                   neumann_terms=a.neumann_terms, **_ref_block(a)), 3e-3),
     "poet-lean": (lambda m, lr, a: POET(m, lr=lr, block_size=a.block_size, merge_every=a.merge_every,
-                                        store_base=False, lr_ref_block=a.lr_ref_block), 3e-3),
-    "poet-fs": (lambda m, lr, a: POET(m, lr=lr, block_size=0.5, mode="fs", merge_every=a.merge_every), 3e-3),
+                                        store_base=False, **_ref_block(a)), 3e-3),
+    "poet-fs": (lambda m, lr, a: POET(m, lr=lr, block_size=0.5, mode="fs", merge_every=a.merge_every,
+                                      **_ref_block(a)), 3e-3),
     "relora": (lambda m, lr, a: ReLoRAReset(m, lr=lr, rank=a.rank, alpha=a.rank, reset_every=a.reset_every,
                                             restart_warmup_steps=a.restart_warmup,
                                             warm_start_steps=a.warm_start), 3e-3),
     "dlra": (lambda m, lr, a: DLRAMomentum(m, lr=lr, rank=a.rank, method="adam"), 3e-3),
     "dlra-hb": (lambda m, lr, a: DLRAMomentum(m, lr=lr, rank=a.rank, method="heavy_ball"), 1e-1),
 }
+
+
+def _ref_block(args: argparse.Namespace) -> dict[str, Any]:
+    """POET's ``lr_ref_block`` when ``--lr-ref-block`` was given (``none``: None); otherwise POET's own default."""
+    value = args.lr_ref_block
+    return {} if value is None else {"lr_ref_block": None if value == "none" else value}
+
+
+def _ref_block_arg(text: str) -> int | str:
+    return "none" if text.lower() == "none" else int(text)
 
 
 def _need_transformers() -> None:
@@ -310,8 +321,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=None,
                    help="POET block size b (default: the preset's, hidden / 4: tiny 8, small 32, 60m 128)")
     p.add_argument("--merge-every", type=int, default=50, help="POET merge interval in steps")
-    p.add_argument("--lr-ref-block", type=int, default=None,
-                   help="POET's lr_ref_block: factors' lr scaled by sqrt(REF / b) (default: none)")
+    p.add_argument("--lr-ref-block", type=_ref_block_arg, default=None,
+                   help="POET's lr_ref_block: the factors' lr scaled by sqrt(REF / b); 'none' turns it off "
+                        "(default: POET's, 32)")
     p.add_argument("--neumann-terms", type=int, default=5, help="POET's Cayley-Neumann terms k")
     p.add_argument("--rank", type=int, default=32, help="ReLoRA and DLRA rank (ReLoRA alpha = rank, so s = 1)")
     p.add_argument("--reset-every", type=int, default=100, help="ReLoRA steps per cycle")

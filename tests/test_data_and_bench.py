@@ -134,3 +134,12 @@ def test_block_size_defaults_to_a_quarter_of_the_presets_hidden_size():
         assert args.block_size == args.hidden // 4 and args.block_size >= 8
         assert bench.parse_args(["--preset", preset, "--hidden", "64"]).block_size == args.block_size  # the preset's
     assert bench.parse_args(["--preset", "60m", "--block-size", "16"]).block_size == 16
+
+
+def test_lr_ref_block_is_poets_own_default_unless_given():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    for argv, want in (([], 32), (["--lr-ref-block", "none"], None), (["--lr-ref-block", "16"], 16)):
+        args = bench.parse_args(["--preset", "tiny", *argv])
+        for name in ("poet", "poet-lean", "poet-fs"):
+            build, lr = bench.OPTIMIZERS[name]
+            assert build(model, lr, args).defaults["lr_ref_block"] == want, (name, argv)
