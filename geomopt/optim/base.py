@@ -202,10 +202,12 @@ class FactorOptimizer(Optimizer):
         gradients' non-finite flags and the fingerprints of the weights a method rewrites), then the decisions."""
         name = type(self).__name__
         staged, first = [], 0
-        check_routes_kept(self, getattr(self, "_routes", None))
-        for group in self.param_groups:
+        routes = getattr(self, "_routes", None) or []
+        for gi, group in enumerate(self.param_groups):
             check_hyper(group, self.CAPTURABLE)
-            self._check_group(group, [p for p in group["params"] if is_factorized(p, group)])
+            factorized = [p for p in group["params"] if is_factorized(p, group)]
+            check_routes_kept(name, gi, group, factorized, routes[gi] if gi < len(routes) else [])
+            self._check_group(group, factorized)
             params = [p for p in group["params"] if p.grad is not None and not self._retry.done(p)]
             for p in params:
                 check_grad(name, p)

@@ -52,20 +52,20 @@ def route_log(groups: list[dict[str, Any]], reasons: dict[int, tuple[str, bool, 
     return [[reasons.get(id(p)) or (None, is_factorized(p, g), None) for p in g["params"]] for g in groups]
 
 
-def check_routes_kept(opt: torch.optim.Optimizer, log: list[list[Any]] | None) -> None:
-    """Raise when a group that held weights routed to the method at construction holds none now although it still
-    factorizes (``factorize`` set to False moves them to AdamW, as documented): its tensors were replaced, as
-    DeepSpeed's ZeRO stages 1 and 2 do (they hand the optimizer flat 1-D partitions), and stepping would silently
-    be AdamW."""
-    for gi, (group, built) in enumerate(zip(opt.param_groups, log or ())):
-        had = sum(1 for entry in built if entry[1])
-        if had and group.get("factorize", True) and not any(is_factorized(p, group) for p in group["params"]):
-            shapes = [tuple(p.shape) for p in group["params"]][:3]
-            raise RuntimeError(
-                f"{type(opt).__name__}: param group {gi} held {had} weight(s) routed to the method when it was built "
-                f"and holds none now (tensors of shapes {shapes}): its tensors were replaced, as DeepSpeed ZeRO "
-                "stages 1 and 2 do (they give the optimizer flat 1-D partitions). geomopt's methods step the weights "
-                "themselves: use DeepSpeed without ZeRO (stage 0), or FSDP2 (README, \"Where it runs\").")
+def check_routes_kept(name: str, gi: int, group: dict[str, Any], factorized: list[torch.Tensor],
+                      built: list[Any]) -> None:
+    """Raise when group ``gi``, which held weights routed to the method at construction (``built``: its entries of
+    :func:`route_log`), holds none now (``factorized``) although it still factorizes (``factorize`` set to False
+    moves them to AdamW, as documented): its tensors were replaced, as DeepSpeed's ZeRO stages 1 and 2 do (they
+    hand the optimizer flat 1-D partitions), and stepping would silently be AdamW."""
+    had = sum(1 for entry in built if entry[1])
+    if had and group.get("factorize", True) and not factorized:
+        shapes = [tuple(p.shape) for p in group["params"]][:3]
+        raise RuntimeError(
+            f"{name}: param group {gi} held {had} weight(s) routed to the method when it was built and holds none "
+            f"now (tensors of shapes {shapes}): its tensors were replaced, as DeepSpeed ZeRO stages 1 and 2 do (they "
+            "give the optimizer flat 1-D partitions). geomopt's methods step the weights themselves: use DeepSpeed "
+            "without ZeRO (stage 0), or FSDP2 (README, \"Where it runs\").")
 
 
 def _reason(p: torch.Tensor, group: dict[str, Any], known: tuple[bool, str] | None) -> str:
