@@ -12,8 +12,11 @@ def skew(q, b):
 
 
 def rotation(q, b, terms):
+    """``terms``: None (exact Cayley), k (the paper's Cayley-Neumann polynomial) or a function of the skew blocks."""
     Q = skew(q, b)
     eye = torch.eye(b, dtype=q.dtype).expand_as(Q)
+    if callable(terms):
+        return terms(Q)
     if terms is None:
         return torch.linalg.inv(eye - Q) @ (eye + Q)
     series = sum(torch.linalg.matrix_power(Q, j) for j in range(terms + 1))

@@ -12,7 +12,8 @@ from torch.autograd.function import once_differentiable
 
 from .skew import _triu_flat_pair, bound_from_powers, skew_norm_bound, unpack_skew
 
-__all__ = ["cayley_exact", "cayley_neumann", "cayley_neumann_horner", "cayley_neumann_with_bound", "cayley",
+__all__ = ["cayley_exact", "cayley_neumann", "cayley_neumann_horner", "cayley_neumann_with_bound", "cayley_series",
+           "cayley",
            "rotation_inverse", "normal_inverse", "newton_schulz_inverse", "newton_schulz_iterations"]
 
 
@@ -51,6 +52,26 @@ def cayley_neumann_horner(q: torch.Tensor, b: int, terms: int) -> torch.Tensor:
     for _ in range(terms - 1):
         s = eye + Q @ s
     return s + Q @ s
+
+
+def cayley_series(q: torch.Tensor, b: int, terms: int) -> torch.Tensor:
+    r"""The Cayley map's Neumann series truncated after :math:`Q^{k-1}` (``neumann_form="series"``):
+
+    .. math:: R(Q) = I + 2\,(Q + Q^2 + \dots + Q^{k-1}),\qquad k = \text{terms} \ge 2
+
+    The convention of the official POET code's torch fallback (k = 5: :math:`I + 2(Q + Q^2 + Q^3 + Q^4)`) and of
+    peft's OFT. ``cayley_neumann`` with the same k has one more power: :math:`(I + Q)(I + \dots + Q^k) = I + 2(Q +
+    \dots + Q^k) + Q^{k+1}`. Since :math:`R = (I - Q)^{-1}(I + Q) - 2 Q^k (I - Q)^{-1}` and
+    :math:`\|(I - Q)^{-1}\|_2 \le 1` for a skew Q, its orthogonality error is at most :math:`4 c^k + 4 c^{2k}`
+    for :math:`\|Q\|_2 \le c`. Horner's scheme, differentiated by autograd."""
+    if terms < 2:
+        raise ValueError(f"terms must be >= 2 for the series form, got {terms}")
+    Q = unpack_skew(q, b)
+    eye = _eye(b, q)
+    s = Q
+    for _ in range(terms - 2):
+        s = Q @ (eye + s)
+    return eye + 2.0 * s
 
 
 class _SkewPoly(torch.autograd.Function):

@@ -31,7 +31,7 @@ from .blocks import (
     rotate_rows_,
     row_block_grad,
 )
-from .cayley import cayley_exact, cayley_neumann, cayley_neumann_with_bound
+from .cayley import cayley_exact, cayley_neumann, cayley_neumann_with_bound, cayley_series
 from .qr import tall_qr
 
 __all__ = ["REFERENCES", "register_kernel", "kernel_for", "call", "can"]
@@ -39,6 +39,7 @@ __all__ = ["REFERENCES", "register_kernel", "kernel_for", "call", "can"]
 REFERENCES: dict[str, Callable] = {
     "cayley_neumann": cayley_neumann,
     "cayley_exact": cayley_exact,
+    "cayley_series": cayley_series,
     "rotate_rows": rotate_rows,
     "rotate_cols": rotate_cols,
     "row_block_grad": row_block_grad,

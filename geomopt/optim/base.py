@@ -274,7 +274,8 @@ class FactorOptimizer(Optimizer):
                 switch.append(p)
             elif fact:
                 built = st.get("built_with", now)
-                changed = [k for k in now if built.get(k) != now[k]]
+                changed = [k for k in now if built.get(k) != now[k]  # a state built before a setting existed
+                           and (k in built or k not in self.ADDED_SETTINGS)]  # keeps its factors
                 fixed = [k for k in changed if k in self.FIXED]
                 if fixed:
                     k = fixed[0]

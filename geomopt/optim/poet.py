@@ -92,6 +92,11 @@ class POETOptimizer(FactorOptimizer):
         mode: ``"bs"`` (block-stochastic, default) or ``"fs"`` (fully stochastic).
         neumann_terms: k of the Cayley-Neumann series (default 5; the paper's ablation: 1 does not
             converge). k = 4 keeps the spectrum better (orthogonality error O(||Q||^10) vs O(||Q||^6)).
+        neumann_form: which polynomial k means. ``"paper"`` (default): the paper's Eq. 6,
+            (I + Q)(I + Q + ... + Q^k) = I + 2(Q + ... + Q^k) + Q^(k+1). ``"series"``: the Cayley map's series cut
+            after Q^(k-1), I + 2(Q + ... + Q^(k-1)) (k >= 2), what the official code's torch fallback computes at
+            k = 5; its Triton kernel's I + 2Q + 2Q^2 + 2Q^3 + Q^4 is ``"paper"`` at k = 3 (README, "Differences from
+            the official code").
         exact_cayley: use the exact Cayley map (a batched Cholesky factorization) instead of the Neumann series.
         merge_every: merge-then-reinitialize interval in steps.
         store_base: keep W0 (paper mode, default). ``False`` is lean mode: no dense copy, W rewritten
@@ -123,11 +128,12 @@ class POETOptimizer(FactorOptimizer):
     CAPTURABLE = True
     STAT_KEYS = ("merges", "early_merges")
     STATE_MARKER = "perm_row"
-    STRUCTURAL = ("block_size", "mode", "store_base", "row_shards", "neumann_terms", "exact_cayley")
-    ADDED_SETTINGS = ("row_shards", "lr_ref_block")
+    STRUCTURAL = ("block_size", "mode", "store_base", "row_shards", "neumann_terms", "neumann_form", "exact_cayley")
+    ADDED_SETTINGS = ("row_shards", "lr_ref_block", "neumann_form")
 
     def __init__(self, params: Any, lr: float = 1e-3, *, block_size: int | float | None = None, mode: str = "bs",
-                 neumann_terms: int = 5, exact_cayley: bool = False, merge_every: int = 200,
+                 neumann_terms: int = 5, neumann_form: str = "paper", exact_cayley: bool = False,
+                 merge_every: int = 200,
                  store_base: bool = True, max_q_norm: float | None = 0.5, row_shards: int | None = None,
                  lr_ref_block: int | None = 32,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
@@ -138,7 +144,7 @@ class POETOptimizer(FactorOptimizer):
                  foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
                  differentiable: bool = False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, factorize=True,
-                        block_size=block_size, mode=mode, neumann_terms=neumann_terms,
+                        block_size=block_size, mode=mode, neumann_terms=neumann_terms, neumann_form=neumann_form,
                         exact_cayley=exact_cayley, merge_every=merge_every, store_base=store_base,
                         max_q_norm=max_q_norm, row_shards=row_shards, lr_ref_block=lr_ref_block,
                         **dense_defaults(lr, dense_lr, dense_weight_decay),
@@ -310,21 +316,21 @@ class POETOptimizer(FactorOptimizer):
         bound) iterates to convergence. ``device``: a capturable step's flags, applied on the device
         (``poet_capture``)."""
         works = [w for gr in groups for w in gr.works]
-        terms = None if group["exact_cayley"] else group["neumann_terms"]
+        rmap = settings.rotation_map(group)
         batch = ByKey([(side, idx.shape[1], q.dtype, q.device) for w in works
                        for (side, idx), q in zip(w.sides(), w.qs)], [q.shape[0] for w in works for q in w.qs])
         bound = group["max_q_norm"] or 0.0
         if device is None:  # the bound the safeguard read last step
             bound = max((w.st.get("q_bound", bound) for w in works), default=0.0)
         iterations = None if adaptive else inverse_iterations(group, works[0].fdtype, bound)
-        old, inv, grads, converged, bases = generator_grads(groups, batch, terms, iterations, keep_weights=(
+        old, inv, grads, converged, bases = generator_grads(groups, batch, rmap, iterations, keep_weights=(
             not group["store_base"] or device is not None))  # paper mode's capturable step keeps W where it must
         new_qs, new_inner = self._inner_update(group, works, grads, lr, device)
-        plan = self._decide(group, works, batch, new_qs, new_inner, (old, inv), terms, converged, bound, device)
+        plan = self._decide(group, works, batch, new_qs, new_inner, (old, inv), rmap, converged, bound, device)
         if plan is None:  # a state from elsewhere broke the bound the iterations assumed: nothing is
             return self._step_run(group, groups, lr, adaptive=True)  # committed yet, so run again
         del old, inv
-        self._commit_groups(group, groups, bases, batch, plan, new_qs, new_inner, terms)
+        self._commit_groups(group, groups, bases, batch, plan, new_qs, new_inner, rmap)
 
     def _inner_update(self, group: dict[str, Any], works: list[Work], grads: list, lr: Any,
                       device: DeviceFlags | None) -> tuple[list, list]:
@@ -347,7 +353,7 @@ class POETOptimizer(FactorOptimizer):
         return new_qs, new_inner
 
     def _decide(self, group: dict[str, Any], works: list[Work], batch: ByKey, new_qs: list, new_inner: list,
-                olds: tuple, terms: int | None, converged: torch.Tensor | None, bound: float,
+                olds: tuple, rmap: settings.RotationMap | None, converged: torch.Tensor | None, bound: float,
                 device: DeviceFlags | None) -> "_Decided | None":
         """The new rotations (lean mode: the incremental ones) and what each weight does, read on the host
         (``poet_step.host_rotations``; None: the inverses did not converge) or decided on the device (``poet_capture``:
@@ -355,12 +361,12 @@ class POETOptimizer(FactorOptimizer):
         old, inv = olds
         take = rebased = merged = resets = None
         if device is None:
-            new = host_rotations(group["max_q_norm"], works, batch, batch.cat(new_qs), terms, converged)
+            new = host_rotations(group["max_q_norm"], works, batch, batch.cat(new_qs), rmap, converged)
             if new is None:
                 return None
             mats, flags, bounds = new
         else:
-            mats, take, merged = device_safeguard(group["max_q_norm"], works, batch, batch.cat(new_qs), terms,
+            mats, take, merged = device_safeguard(group["max_q_norm"], works, batch, batch.cat(new_qs), rmap,
                                                   device.ok, converged)
             if group["store_base"]:  # a weight changed from outside is re-based, not moved
                 edited = device.edited([w.p for w in works])
@@ -380,7 +386,7 @@ class POETOptimizer(FactorOptimizer):
         return _Decided(mats, per, flags, bounds, take, merged | rebased, resets)  # merged or re-based: W0 <- W
 
     def _commit_groups(self, group: dict[str, Any], groups: list[Group], bases: list, batch: ByKey,
-                       plan: "_Decided", new_qs: list, new_inner: list, terms: int | None) -> None:
+                       plan: "_Decided", new_qs: list, new_inner: list, rmap: settings.RotationMap | None) -> None:
         """Per group: its weights' new state entries, the rewrite of W (and W0 where ``plan`` sets it), scheduled
         and early merges, committed together; then the fingerprints of what was written."""
         starts = batch.starts()
@@ -393,7 +399,7 @@ class POETOptimizer(FactorOptimizer):
                 ups.append(dict(step=w.st["step"] + 1, since_merge=w.st["since_merge"] + 1,
                                 **new_factors(w, [new_qs[i] for i in idx], [new_inner[i] for i in idx])))
                 merges.append(plan.flags[wi] or ups[-1]["since_merge"] >= group["merge_every"])
-                if group["max_q_norm"] is not None and terms is not None:  # the next step's inverses start from it
+                if group["max_q_norm"] is not None and rmap is not None:  # the next step's inverses start from it
                     ups[-1]["q_bound"] = plan.bounds[wi]
                 if plan.resets is not None:
                     ups[-1].update(plan.resets[wi])
@@ -432,7 +438,7 @@ class POETOptimizer(FactorOptimizer):
         """Merge every factorized weight now (e.g. before saving a model for inference elsewhere;
         the weight itself never changes: W already equals R W0 P)."""
         for group in self.param_groups:
-            terms = None if group["exact_cayley"] else group["neumann_terms"]
+            rmap = settings.rotation_map(group)
             for p in group["params"]:
                 st = self.state.get(p)
                 if not st or "perm_row" not in st:
@@ -440,7 +446,7 @@ class POETOptimizer(FactorOptimizer):
                 w_new = None
                 if group["store_base"]:  # recompute in the factor dtype: no rounding through a bf16 W
                     shard, rows, cols = self._blocks(p, st, group)
-                    rots = rotations([to_local(q) for q in st["q_row"]] + st["q_col"], rows + cols, terms)
+                    rots = rotations([to_local(q) for q in st["q_row"]] + st["q_col"], rows + cols, rmap)
                     w_new = apply_blocks(to_local(st["w0"]), rows, rots[: len(rows)], cols, rots[len(rows):])
                 updates = self._merged(p, st, group, w_new, False)
                 with deferred_interrupt():

@@ -23,22 +23,23 @@ from typing import Any, Callable, Hashable
 import torch
 
 from .batching import ByKey
+from .poet_settings import RotationMap
 from .poet_step import Work, entry_owners, per_size, rotation, rotation_and_bound, weight_bounds
 from .sharded import to_local
 
 __all__ = ["device_safeguard", "keep_unless", "device_resets", "base_reset"]
 
 
-def device_safeguard(limit: float | None, works: list[Work], batch: ByKey, new_q: dict, terms: int | None,
+def device_safeguard(limit: float | None, works: list[Work], batch: ByKey, new_q: dict, rmap: RotationMap | None,
                      ok: torch.Tensor, converged: torch.Tensor | None) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """(the new rotations per key of ``batch``, exact where the safeguard fires; per weight, whether its update is
     taken; per weight, whether it is merged on the device), all computed on the device."""
     n, device = len(works), ok.device
     conv = torch.ones((), dtype=torch.bool, device=device) if converged is None else converged.to(device)
     take = (ok & conv).expand(n)
-    if terms is None or limit is None or not new_q:
-        return per_size(lambda q, b: rotation(q, b, terms), new_q), take, (ok & ~conv).expand(n)
-    pairs = per_size(lambda q, b: rotation_and_bound(q, b, terms), new_q)
+    if rmap is None or limit is None or not new_q:
+        return per_size(lambda q, b: rotation(q, b, rmap), new_q), take, (ok & ~conv).expand(n)
+    pairs = per_size(lambda q, b: rotation_and_bound(q, b, rmap), new_q)
     flagged = weight_bounds(works, batch, {k: bd for k, (_, bd) in pairs.items()}) > limit
     exact = per_size(lambda q, b: rotation(q, b, None), new_q)
     owners = entry_owners(works, batch, device)

@@ -3,7 +3,7 @@ side of a weight (``layout``, ``sizes``)."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -11,11 +11,36 @@ from ..geometry import block_layout, block_sizes
 from .checks import check_number
 from .inner import AdamRule
 
-__all__ = ["MODES", "SIDES", "DEFAULT_BLOCK", "layout", "sizes", "lr_scales", "check_group", "check_capturable"]
+__all__ = ["MODES", "SIDES", "FORMS", "DEFAULT_BLOCK", "RotationMap", "rotation_map", "layout", "sizes", "lr_scales",
+           "check_group", "check_capturable"]
 
 MODES = ("bs", "fs")
+FORMS = ("paper", "series")
 SIDES = ("row", "col")
 DEFAULT_BLOCK = 256
+
+
+class RotationMap(NamedTuple):
+    """The Cayley-Neumann polynomial the generators go through, k = ``terms``: ``form`` "paper", (I + Q)(I + Q + ... +
+    Q^k) (``geometry.cayley_neumann``), or "series", I + 2(Q + ... + Q^(k-1)) (``geometry.cayley_series``)."""
+    terms: int
+    form: str = "paper"
+
+    def residual(self, c: float) -> float:
+        """A bound on ||I - D D^T|| for the block D of a generator with ||Q||_2 <= c: for "paper", D D^T =
+        (I - Q^(k+1))(I - (-Q)^(k+1)), so 2 c^(k+1) + c^(2k+2) for odd k and c^(2k+2) for even k; for "series",
+        4 c^k + 4 c^(2k) (see ``geometry.cayley_series``)."""
+        k = self.terms
+        if self.form == "series":
+            return 4 * c ** k + 4 * c ** (2 * k)
+        return 2 * c ** (k + 1) + c ** (2 * k + 2) if k % 2 else c ** (2 * k + 2)
+
+
+def rotation_map(group: dict[str, Any]) -> RotationMap | None:
+    """The group's map from generators to blocks: None for the exact Cayley map (``exact_cayley``)."""
+    if group["exact_cayley"]:
+        return None
+    return RotationMap(group["neumann_terms"], group.get("neumann_form", "paper"))
 
 
 def side_block(dim: int, group: dict[str, Any]) -> int:
@@ -77,7 +102,10 @@ def check_group(group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
     if group["mode"] not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {group['mode']!r}")
     _check_block_size(group, factorized)
-    check_number("neumann_terms", group["neumann_terms"], low=1, integer=True)
+    form = group.get("neumann_form", "paper")
+    if form not in FORMS:
+        raise ValueError(f"neumann_form must be one of {FORMS}, got {form!r}")
+    check_number("neumann_terms", group["neumann_terms"], low=2 if form == "series" else 1, integer=True)
     check_number("merge_every", group["merge_every"], low=1, integer=True)
     for key in ("exact_cayley", "store_base", "factorize"):
         if not isinstance(group[key], bool):

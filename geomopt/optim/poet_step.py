@@ -25,6 +25,7 @@ from ..geometry.blocks import rotation_buffers, stacked_rows
 from ..geometry.cayley import newton_schulz_inverse, newton_schulz_iterations
 from ..geometry.dispatch import call, can
 from .batching import ByKey, dense_stack
+from .poet_settings import RotationMap, rotation_map
 from .sharded import all_reduce, like, reduce_over_meshes, shard_state, to_local
 
 __all__ = ["Work", "Group", "group_key", "make_groups", "rotation", "rotation_and_bound", "rotations",
@@ -50,17 +51,19 @@ class Work(NamedTuple):
         return [("row", idx) for idx in self.rows] + [("col", idx) for idx in self.cols]
 
 
-def rotation(q: torch.Tensor, b: int, terms: int | None) -> torch.Tensor:
-    """The blocks of packed generators ``q``: exact Cayley (``terms`` None) or Cayley-Neumann."""
-    return call("cayley_exact", q, b) if terms is None else call("cayley_neumann", q, b, terms)
+def rotation(q: torch.Tensor, b: int, rmap: RotationMap | None) -> torch.Tensor:
+    """The blocks of packed generators ``q``: exact Cayley (``rmap`` None) or ``rmap``'s Cayley-Neumann polynomial."""
+    if rmap is None:
+        return call("cayley_exact", q, b)
+    return call("cayley_neumann" if rmap.form == "paper" else "cayley_series", q, b, rmap.terms)
 
 
-def rotation_and_bound(q: torch.Tensor, b: int, terms: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rotation_and_bound(q: torch.Tensor, b: int, rmap: RotationMap) -> tuple[torch.Tensor, torch.Tensor]:
     """Cayley-Neumann blocks of ``q`` and ``skew_norm_bound`` of each: from shared products where the map's
     implementation can (``"with_bound"``), else separately."""
-    if can("cayley_neumann", q, "with_bound"):
-        return call("cayley_neumann_with_bound", q, b, terms)
-    return call("cayley_neumann", q, b, terms), skew_norm_bound(q, b)
+    if rmap.form == "paper" and can("cayley_neumann", q, "with_bound"):
+        return call("cayley_neumann_with_bound", q, b, rmap.terms)
+    return rotation(q, b, rmap), skew_norm_bound(q, b)
 
 
 def per_size(fn: Callable, xs: dict[Hashable, torch.Tensor]) -> dict[Hashable, Any]:
@@ -84,8 +87,8 @@ def per_size(fn: Callable, xs: dict[Hashable, torch.Tensor]) -> dict[Hashable, A
     return {k: out[k] for k in xs}  # in the keys' order
 
 
-def rotations(qs: list[torch.Tensor], idxs: list[torch.Tensor], terms: int | None) -> list[torch.Tensor]:
-    return [rotation(q, idx.shape[1], terms) for q, idx in zip(qs, idxs)]
+def rotations(qs: list[torch.Tensor], idxs: list[torch.Tensor], rmap: RotationMap | None) -> list[torch.Tensor]:
+    return [rotation(q, idx.shape[1], rmap) for q, idx in zip(qs, idxs)]
 
 
 def _eye_like(d: torch.Tensor) -> torch.Tensor:
@@ -249,7 +252,7 @@ def _rewrite_in_place(w: Work, mats: list[torch.Tensor], store_base: bool, keep:
     return write, kept
 
 
-def generator_grads(groups: list[Group], batch: ByKey, terms: int | None, iterations: int | None = None,
+def generator_grads(groups: list[Group], batch: ByKey, rmap: RotationMap | None, iterations: int | None = None,
                     keep_weights: bool = False):
     """Stages 1-2: block gradients from G and W, then through the map to the generators. Returns (old rotations,
     their inverses, per key of ``batch``; the generators' gradients, per entry of ``batch``; when the inverses
@@ -259,7 +262,7 @@ def generator_grads(groups: list[Group], batch: ByKey, terms: int | None, iterat
     qs = [q for w in works for q in w.qs]
     with torch.enable_grad():
         leaves = {k: t.detach().requires_grad_() for k, t in batch.cat(qs).items()}
-        rots = per_size(lambda x, b: rotation(x, b, terms), leaves)
+        rots = per_size(lambda x, b: rotation(x, b, rmap), leaves)
     old = {k: r.detach() for k, r in rots.items()}
     converged = None
     if iterations is None:
@@ -325,13 +328,13 @@ def safeguard(limit: float, works: list[Work], batch: ByKey, block_bounds: dict,
     return read[: len(works)], converged is None or read[-1] == 1.0
 
 
-def host_rotations(limit: float | None, works: list[Work], batch: ByKey, new_q: dict, terms: int | None,
+def host_rotations(limit: float | None, works: list[Work], batch: ByKey, new_q: dict, rmap: RotationMap | None,
                    converged: torch.Tensor | None):
     """Stage 4 on the host: (the new rotations per key of ``batch``, per weight whether the safeguard fires, per
     weight its bound), the flags and bounds read in one host sync; None if the inverses did not converge."""
-    if limit is None or terms is None:
-        return per_size(lambda q, b: rotation(q, b, terms), new_q), [False] * len(works), None
-    pairs = per_size(lambda q, b: rotation_and_bound(q, b, terms), new_q)
+    if limit is None or rmap is None:
+        return per_size(lambda q, b: rotation(q, b, rmap), new_q), [False] * len(works), None
+    pairs = per_size(lambda q, b: rotation_and_bound(q, b, rmap), new_q)
     bounds, inverted = safeguard(limit, works, batch, {k: bd for k, (_, bd) in pairs.items()}, converged)
     if not inverted:
         return None
@@ -379,12 +382,11 @@ def exact_for_flagged(store_base: bool, works: list[Work], flags: list[bool], ba
 def inverse_iterations(group: dict[str, Any], dtype: torch.dtype, c: float) -> int | None:
     """Newton-Schulz iterations for the old blocks' inverses, from the bound on their orthogonality error:
     exact Cayley blocks are orthogonal to rounding; a Cayley-Neumann block of a generator with ||Q||_2 <= c
-    (the bound the safeguard read last step, or max_q_norm) has ||I - D D^T|| <= 2 c^(k+1) + c^(2k+2) for odd
-    k, c^(2k+2) for even k (D D^T = (I - Q^(k+1))(I - (-Q)^(k+1))). None: no bound (``max_q_norm=None``)."""
-    if group["exact_cayley"]:
+    (the bound the safeguard read last step, or max_q_norm) has ||I - D D^T|| <= ``RotationMap.residual(c)``.
+    None: no bound (``max_q_norm=None``)."""
+    rmap = rotation_map(group)
+    if rmap is None:
         return newton_schulz_iterations(1e3 * torch.finfo(dtype).eps, dtype)
-    k = group["neumann_terms"]
     if group["max_q_norm"] is None:
         return None
-    residual = 2 * c ** (k + 1) + c ** (2 * k + 2) if k % 2 else c ** (2 * k + 2)
-    return newton_schulz_iterations(residual, dtype)
+    return newton_schulz_iterations(rmap.residual(c), dtype)
