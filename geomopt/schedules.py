@@ -6,12 +6,14 @@ from typing import Callable
 
 from .optim.checks import check_number
 
-__all__ = ["jagged_cosine"]
+__all__ = ["jagged_cosine", "RAMP_TARGETS"]
+
+RAMP_TARGETS = ("current", "end")
 
 
 def jagged_cosine(*, total_steps: int, warmup_steps: int = 0, restart_every: int | None = None,
                   restart_warmup_steps: int = 0, restart_offset: int = 0,
-                  min_lr_ratio: float = 0.1) -> Callable[[int], float]:
+                  min_lr_ratio: float = 0.1, ramp_target: str = "current") -> Callable[[int], float]:
     r"""ReLoRA's schedule (arXiv 2307.05695, Sec. 3): linear warm-up, cosine decay to ``min_lr_ratio``,
     and at every restart (steps ``restart_offset + k * restart_every``, k >= 1) a drop to 0 followed by a
     linear warm-up over ``restart_warmup_steps`` back onto the cosine curve.
@@ -20,6 +22,12 @@ def jagged_cosine(*, total_steps: int, warmup_steps: int = 0, restart_every: int
     ``geomopt.ReLoRAReset``, ``restart_every=reset_every``, ``restart_offset=warm_start_steps`` and
     ``restart_warmup_steps=0`` in the optimizer (the schedule then does the post-reset warm-up).
     The value at step t is the multiplier of the optimizer step that follows t scheduler steps.
+
+    ``ramp_target``: what the post-restart ramp climbs to. ``"current"`` (default): the cosine's value at the
+    current step, so the ramp ends on the curve. ``"end"``: a straight line to the cosine's value at the ramp's
+    last step (restart + ``restart_warmup_steps``), what the official ReLoRA code's
+    ``get_cosine_schedule_with_multiple_warmups`` computes; the two differ by less than the cosine's change over
+    the ramp.
 
     Example:
         >>> f = jagged_cosine(total_steps=1000, warmup_steps=100, restart_every=200, restart_warmup_steps=20)
@@ -32,6 +40,8 @@ def jagged_cosine(*, total_steps: int, warmup_steps: int = 0, restart_every: int
     check_number("restart_offset", restart_offset, low=0, integer=True)
     if restart_every is not None:
         check_number("restart_every", restart_every, low=1, integer=True)
+    if ramp_target not in RAMP_TARGETS:
+        raise ValueError(f"ramp_target must be one of {RAMP_TARGETS}, got {ramp_target!r}")
     if isinstance(min_lr_ratio, bool) or not isinstance(min_lr_ratio, (int, float)) or not 0 <= min_lr_ratio <= 1:
         raise ValueError(f"min_lr_ratio must be a number in [0, 1], got {min_lr_ratio!r}")
 
@@ -46,6 +56,8 @@ def jagged_cosine(*, total_steps: int, warmup_steps: int = 0, restart_every: int
         if restart_every is not None and restart_warmup_steps > 0 and step > restart_offset:
             since = (step - restart_offset) % restart_every
             if step - restart_offset >= restart_every and since < restart_warmup_steps:
+                if ramp_target == "end":
+                    value = cosine(step - since + restart_warmup_steps)
                 value *= since / restart_warmup_steps
         return value
 

@@ -90,6 +90,9 @@ class ReLoRAReset(FactorOptimizer):
         rank: r of the update in each cycle (<= min(m, n) of every routed weight).
         alpha: LoRA scale numerator; s = alpha / rank.
         reset_every: steps per cycle.
+        reset_offset: the first reset comes this many steps later, the rest keep to ``reset_every`` (default 0:
+            resets after steps k R of the low-rank phase; the official loop resets after steps k R + 1, which is
+            ``reset_offset=1``).
         prune_ratio: fraction of each factor's inner state zeroed at a reset, in [0, 1) (paper: 0.99).
         prune: ``"magnitude"`` (default), ``"random"`` or ``"reset"`` (drop the whole state).
         warm_start_steps: the first steps train routed weights full-rank with the inner optimizer; then
@@ -110,9 +113,10 @@ class ReLoRAReset(FactorOptimizer):
     STAT_KEYS = ("resets",)
     STATE_MARKER = "draws"
     STRUCTURAL = ("rank",)
+    ADDED_SETTINGS = ("reset_offset",)
 
     def __init__(self, params: Any, lr: float = 1e-3, *, rank: int = 128, alpha: float = 32.0,
-                 reset_every: int = 2000, prune_ratio: float = 0.99, prune: str = "magnitude",
+                 reset_every: int = 2000, reset_offset: int = 0, prune_ratio: float = 0.99, prune: str = "magnitude",
                  warm_start_steps: int = 0, restart_warmup_steps: int = 100,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
                  dense_lr: float | None = None, dense_weight_decay: float | None = None,
@@ -122,7 +126,8 @@ class ReLoRAReset(FactorOptimizer):
                  foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
                  differentiable: bool = False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, factorize=True, rank=rank,
-                        alpha=alpha, reset_every=reset_every, prune_ratio=prune_ratio, prune=prune,
+                        alpha=alpha, reset_every=reset_every, reset_offset=reset_offset, prune_ratio=prune_ratio,
+                        prune=prune,
                         warm_start_steps=warm_start_steps, restart_warmup_steps=restart_warmup_steps,
                         **dense_defaults(lr, dense_lr, dense_weight_decay),
                         **flag_defaults(maximize, foreach, fused, capturable, differentiable))
@@ -133,6 +138,7 @@ class ReLoRAReset(FactorOptimizer):
         check_rank(group, factorized)
         check_number("alpha", group["alpha"], low=0.0, low_open=True)
         check_number("reset_every", group["reset_every"], low=1, integer=True)
+        check_number("reset_offset", group.get("reset_offset", 0), low=0, integer=True)
         check_number("prune_ratio", group["prune_ratio"], low=0.0)
         if group["prune_ratio"] >= 1.0:
             raise ValueError(f"prune_ratio must be in [0, 1), got {group['prune_ratio']!r}")
@@ -204,6 +210,11 @@ class ReLoRAReset(FactorOptimizer):
         """Row-sharded weights step locally: dL/dB = s G A^T needs local rows only; dL/dA = s B^T G is
         all-reduced (r x n); W += s (B' A' - B A) is local again."""
         return row_shard(p) is not None
+
+    @staticmethod
+    def _cycle_length(state: dict[str, Any], group: dict[str, Any]) -> int:
+        """Steps of the current cycle: ``reset_every``, and ``reset_offset`` more before the first reset."""
+        return group["reset_every"] + (0 if state["resets"] else group.get("reset_offset", 0))
 
     def _lr_scale(self, state: dict[str, Any], group: dict[str, Any]) -> float:
         warm = group["restart_warmup_steps"]
@@ -279,7 +290,7 @@ class ReLoRAReset(FactorOptimizer):
                 ups.append(dict(A=a, B=b if shard is None else like(b, shard), inner_A=inner_a,
                                 inner_B=shard_state(inner_b, shard, b.shape), step=st["step"] + 1,
                                 cycle_step=st["cycle_step"] + 1))
-                if ups[-1]["cycle_step"] >= group["reset_every"]:
+                if ups[-1]["cycle_step"] >= self._cycle_length(st, group):
                     ups[-1].update(self._reset(p, {**st, **ups[-1]}, group))
             self._commit_many(ps, write, ups)
 
