@@ -1,20 +1,31 @@
-"""Long-run drift: POET for 10,000 steps (50 merges) on one 256 x 256 fp32 weight, and DLRAMomentum's bases.
+"""Long-run drift: POET for 10,000 steps (50 merges) on one 256 x 256 weight, and DLRAMomentum's bases.
 
-    python benchmarks/long_run_drift.py [--steps 10000] [--merge-every 200]
+    python benchmarks/long_run_drift.py [--steps 10000] [--merge-every 200] [--no-exact-merge] [--dtype bfloat16]
 
-POET keeps the singular values of W0 up to the Cayley-Neumann error of each merge; this prints the largest
-relative change of any singular value against W0's after every 10th merge, its growth per merge (a least-
-squares slope over the merges), and for DLRAMomentum (rank 32, same target) the worst deviation of U^T U
-and V^T V from the identity over the run. The loss pulls W towards a random target with other singular
-values, so the factors move at every step.
+POET keeps the singular values of W0 up to the Cayley-Neumann error of the current generators; this prints the
+largest relative change of any singular value against W0's right after every 10th merge (what the merges keep for
+good), its growth per merge (a least-squares slope over the merges), the largest such change at any sampled step
+between merges (the current polynomial's non-orthogonality, which a merge through exact rotations does not keep),
+and for DLRAMomentum (rank 32, same target) the worst deviation of U^T U and V^T V from the identity over the run.
+The loss pulls W towards a random target with other singular values, so the factors move at every step.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
+from typing import NamedTuple
 
 import torch
 
 import geomopt
+
+
+class Drift(NamedTuple):
+    """``merges``: (merge number, step, drift right after it); ``between``: the largest drift at a sampled step
+    that was not a merge; ``moved``: ||W_end - W_0||_F / ||W_0||_F."""
+    merges: list
+    between: float
+    moved: float
 
 
 def start(g: torch.Generator) -> torch.Tensor:
@@ -25,21 +36,32 @@ def start(g: torch.Generator) -> torch.Tensor:
     return (u * torch.linspace(0.5, 1.5, 256, dtype=torch.float64)) @ v.T
 
 
-def poet_drift(steps: int, merge_every: int, lr: float, seed: int = 0, **poet_kwargs) -> tuple[list, float]:
+def poet_drift(steps: int, merge_every: int, lr: float, seed: int = 0, dtype: torch.dtype = torch.float32,
+               sample_every: int = 50, **poet_kwargs) -> Drift:
+    """POET (block 32, k = 5 unless ``poet_kwargs`` say otherwise) on one weight of ``dtype``; the drift is taken
+    against the singular values of the starting weight in that dtype, after every merge (early ones included) and
+    every ``sample_every`` steps."""
     g = torch.Generator().manual_seed(seed)
-    w0 = start(g).float()
+    w0 = start(g).to(dtype)
     w = torch.nn.Parameter(w0.clone())
-    target = torch.randn(256, 256, generator=g) / 16
-    sv0 = torch.linalg.svdvals(w.detach().double())
+    target = torch.randn(256, 256, generator=g).to(dtype) / 16
+    sv0 = torch.linalg.svdvals(w0.double())
     opt = geomopt.POET([("weight", w)], lr=lr, block_size=32, merge_every=merge_every, **poet_kwargs)
-    rows = []
+
+    def drift() -> float:
+        return float(((torch.linalg.svdvals(w.detach().double()) - sv0).abs() / sv0).max())
+
+    merges, between, done = [], 0.0, 0
     for step in range(1, steps + 1):
         w.grad = w.detach() - target
         opt.step()
-        if step % merge_every == 0:
-            drift = float(((torch.linalg.svdvals(w.detach().double()) - sv0).abs() / sv0).max())
-            rows.append((step // merge_every, drift))
-    return rows, float((w.detach() - w0).norm() / w0.norm())
+        now = int(opt.state[w]["merges"])
+        if now > done:
+            done = now
+            merges.append((now, step, drift()))
+        elif step % sample_every == 0:
+            between = max(between, drift())
+    return Drift(merges, between, float((w.detach().double() - w0.double()).norm() / w0.double().norm()))
 
 
 def dlra_orthonormality(steps: int, lr: float, seed: int = 0) -> float:
@@ -58,9 +80,10 @@ def dlra_orthonormality(steps: int, lr: float, seed: int = 0) -> float:
     return worst
 
 
-def slope(rows: list[tuple[int, float]]) -> float:
-    x = torch.tensor([r[0] for r in rows], dtype=torch.float64)
-    y = torch.tensor([r[1] for r in rows], dtype=torch.float64)
+def slope(merges: list[tuple]) -> float:
+    """Least-squares growth of the drift per merge over ``Drift.merges``."""
+    x = torch.tensor([r[0] for r in merges], dtype=torch.float64)
+    y = torch.tensor([r[-1] for r in merges], dtype=torch.float64)
     x = x - x.mean()
     return float((x * (y - y.mean())).sum() / (x * x).sum())
 
@@ -72,19 +95,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-q-norm", type=float, default=0.5, help="POET's safeguard threshold (package default 0.5)")
     p.add_argument("--exact-cayley", action="store_true")
+    p.add_argument("--neumann-terms", type=int, default=None, help="POET's k (default: POET's)")
+    p.add_argument("--no-exact-merge", action="store_true", help="merge the Cayley-Neumann blocks (the paper's)")
+    p.add_argument("--lean", action="store_true", help="lean mode (store_base=False)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float64"))
+    p.add_argument("--skip-dlra", action="store_true")
     args = p.parse_args(argv)
-    rows, moved = poet_drift(args.steps, args.merge_every, args.lr, max_q_norm=args.max_q_norm,
-                             exact_cayley=args.exact_cayley)
-    kind = "exact Cayley" if args.exact_cayley else f"k=5, max_q_norm {args.max_q_norm}"
-    print(f"POET, 256 x 256 fp32, block 32, {kind}, lr {args.lr}, {args.steps} steps, {len(rows)} merges; "
-          f"||W_end - W_0||_F = {moved:.3f}")
-    print("| merges | max relative singular-value change vs W0 |\n| --- | --- |")
-    for m, d in rows:
+    terms = {} if args.neumann_terms is None else dict(neumann_terms=args.neumann_terms)
+    res = poet_drift(args.steps, args.merge_every, args.lr, dtype=getattr(torch, args.dtype),
+                     max_q_norm=args.max_q_norm, exact_cayley=args.exact_cayley,
+                     exact_merge=not args.no_exact_merge, store_base=not args.lean, **terms)
+    k = terms.get("neumann_terms", inspect.signature(geomopt.POET).parameters["neumann_terms"].default)
+    kind = "exact Cayley" if args.exact_cayley else f"k={k}, max_q_norm {args.max_q_norm}"
+    merged = "exact merges" if not args.no_exact_merge else "Neumann merges"
+    print(f"POET, 256 x 256 {args.dtype}, block 32, {kind}, {merged}, {'lean' if args.lean else 'paper'} mode, "
+          f"lr {args.lr}, {args.steps} steps, {len(res.merges)} merges; ||W_end - W_0||_F / ||W_0||_F = "
+          f"{res.moved:.3f}")
+    print("| merge | step | max relative singular-value change vs W0, after it |\n| --- | --- | --- |")
+    for m, step, d in res.merges:
         if m % 10 == 0 or m == 1:
-            print(f"| {m} | {d:.2e} |")
-    print(f"growth per merge (least-squares slope): {slope(rows):.2e}")
-    print(f"DLRAMomentum (rank 32, Adam, lr {args.lr}): max |U^T U - I|, |V^T V - I| over the run = "
-          f"{dlra_orthonormality(args.steps, args.lr):.2e}")
+            print(f"| {m} | {step} | {d:.2e} |")
+    worst = max((d for *_, d in res.merges), default=float("nan"))
+    print(f"after merges, max: {worst:.2e}; growth per merge (least-squares slope): {slope(res.merges):.2e}; "
+          f"between merges, max: {res.between:.2e}")
+    if not args.skip_dlra:
+        print(f"DLRAMomentum (rank 32, Adam, lr {args.lr}): max |U^T U - I|, |V^T V - I| over the run = "
+              f"{dlra_orthonormality(args.steps, args.lr):.2e}")
     return 0
 
 

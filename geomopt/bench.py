@@ -49,12 +49,9 @@ OPTIMIZERS = {
                                                  fused=fused_supported(list(m.parameters()))), 1e-3),
     "adamw-loop": (lambda m, lr, a: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01, foreach=False),
                    1e-3),
-    "poet": (lambda m, lr, a: POET(m, lr=lr, block_size=a.block_size, merge_every=a.merge_every,
-                                   neumann_terms=a.neumann_terms, **_ref_block(a)), 3e-3),
-    "poet-lean": (lambda m, lr, a: POET(m, lr=lr, block_size=a.block_size, merge_every=a.merge_every,
-                                        store_base=False, **_ref_block(a)), 3e-3),
-    "poet-fs": (lambda m, lr, a: POET(m, lr=lr, block_size=0.5, mode="fs", merge_every=a.merge_every,
-                                      **_ref_block(a)), 3e-3),
+    "poet": (lambda m, lr, a: POET(m, lr=lr, block_size=a.block_size, **_poet_args(a)), 3e-3),
+    "poet-lean": (lambda m, lr, a: POET(m, lr=lr, block_size=a.block_size, store_base=False, **_poet_args(a)), 3e-3),
+    "poet-fs": (lambda m, lr, a: POET(m, lr=lr, block_size=0.5, mode="fs", **_poet_args(a)), 3e-3),
     "relora": (lambda m, lr, a: ReLoRAReset(m, lr=lr, rank=a.rank, alpha=a.rank, reset_every=a.reset_every,
                                             restart_warmup_steps=a.restart_warmup,
                                             warm_start_steps=a.warm_start), 3e-3),
@@ -63,10 +60,17 @@ OPTIMIZERS = {
 }
 
 
-def _ref_block(args: argparse.Namespace) -> dict[str, Any]:
-    """POET's ``lr_ref_block`` when ``--lr-ref-block`` was given (``none``: None); otherwise POET's own default."""
-    value = args.lr_ref_block
-    return {} if value is None else {"lr_ref_block": None if value == "none" else value}
+def _poet_args(args: argparse.Namespace) -> dict[str, Any]:
+    """POET's settings from the flags, for every POET variant: ``merge_every``, and ``lr_ref_block`` (``none``:
+    None), ``neumann_terms`` and ``exact_merge`` where a flag was given; otherwise POET's own defaults."""
+    out: dict[str, Any] = dict(merge_every=args.merge_every)
+    if args.lr_ref_block is not None:
+        out["lr_ref_block"] = None if args.lr_ref_block == "none" else args.lr_ref_block
+    if args.neumann_terms is not None:
+        out["neumann_terms"] = args.neumann_terms
+    if args.no_exact_merge:
+        out["exact_merge"] = False
+    return out
 
 
 def _ref_block_arg(text: str) -> int | str:
@@ -324,7 +328,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr-ref-block", type=_ref_block_arg, default=None,
                    help="POET's lr_ref_block: the factors' lr scaled by sqrt(REF / b); 'none' turns it off "
                         "(default: POET's, 32)")
-    p.add_argument("--neumann-terms", type=int, default=5, help="POET's Cayley-Neumann terms k")
+    p.add_argument("--neumann-terms", type=int, default=None, help="POET's Cayley-Neumann terms k (default: POET's)")
+    p.add_argument("--no-exact-merge", action="store_true",
+                   help="POET merges its Cayley-Neumann blocks (exact_merge=False: the paper's and official merge)")
     p.add_argument("--rank", type=int, default=32, help="ReLoRA and DLRA rank (ReLoRA alpha = rank, so s = 1)")
     p.add_argument("--reset-every", type=int, default=100, help="ReLoRA steps per cycle")
     p.add_argument("--restart-warmup", type=int, default=10, help="ReLoRA post-reset lr warm-up steps (0: none)")

@@ -51,14 +51,16 @@ class RefPOETLinear(nn.Module):
         self.q_col = nn.ParameterList(
             [nn.Parameter(torch.zeros(i.shape[0], i.shape[1] * (i.shape[1] - 1) // 2)) for i in self.cols])
 
-    def dense(self, dim, blocks, qs):
+    def dense(self, dim, blocks, qs, terms):
         R = torch.eye(dim, dtype=self.w0.dtype)
         for idx, q in zip(blocks, qs):
-            D = rotation(q, idx.shape[1], self.terms)
+            D = rotation(q, idx.shape[1], terms)
             for k in range(idx.shape[0]):
                 R = R.index_put((idx[k][:, None], idx[k][None, :]), D[k])
         return R
 
-    def weight(self):
+    def weight(self, exact=False):
+        """R W0 P through the reference's map, or (``exact``) through the exact Cayley map."""
         m, n = self.w0.shape
-        return self.dense(m, self.rows, self.q_row) @ self.w0 @ self.dense(n, self.cols, self.q_col)
+        terms = None if exact else self.terms
+        return self.dense(m, self.rows, self.q_row, terms) @ self.w0 @ self.dense(n, self.cols, self.q_col, terms)

@@ -120,7 +120,8 @@ def test_legacy_adamw_names_a_bad_argument(bad, match):
 
 @pytest.mark.parametrize("store_base", [True, False], ids=["paper-mode", "lean"])
 def test_poet_with_the_official_arguments_is_the_official_method(float64, store_base):
-    """POET(neumann_form="series", inner=LegacyAdamW, lr=0.5 L, lr_ref_block=None, max_q_norm=None) steps its
+    """POET(neumann_form="series", inner=LegacyAdamW, lr=0.5 L, lr_ref_block=None, max_q_norm=None,
+    exact_merge=False) steps its
     weights as a module POET with the official torch polynomial whose generators the official POETAdamW steps at
     lr L (poet_scale 0.5), merged every 15 steps with the optimizer state reset."""
     lr, merge_every, steps = 4e-3, 15, 40
@@ -128,7 +129,7 @@ def test_poet_with_the_official_arguments_is_the_official_method(float64, store_
     named = [(f"layers.{i}.weight", layer.weight) for i, layer in enumerate(layers)] + [("scale", scale)]
     opt = geomopt.POET(named, lr=0.5 * lr, dense_lr=lr, block_size=8, neumann_form="series", neumann_terms=5,
                        inner=LegacyAdamW, inner_kwargs=dict(eps=1e-6), lr_ref_block=None, max_q_norm=None,
-                       merge_every=merge_every, weight_decay=0.0, store_base=store_base)
+                       exact_merge=False, merge_every=merge_every, weight_decay=0.0, store_base=store_base)
     for p in [layer.weight for layer in layers] + [scale]:  # a zero step at lr 0 draws the permutations
         p.grad = torch.zeros_like(p)
     for group in opt.param_groups:

@@ -1,4 +1,6 @@
 """Invariants of POET's math: preserved spectrum, parameter counts, permutations, the safeguard."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -143,3 +145,34 @@ def test_row_shards_is_validated(value, exc):
     lin = nn.Linear(8, 8, bias=False)
     with pytest.raises(exc, match="row_shards"):
         geomopt.POET([("w", lin.weight)], block_size=4, row_shards=value)
+
+
+def test_lean_mode_warns_for_low_precision_weights():
+    """Lean mode rounds a bf16 weight at every step (its spectrum drifts: BENCHMARKS.md); paper mode keeps an fp32
+    W0 and does not warn."""
+    w = nn.Parameter(torch.randn(16, 16, dtype=torch.bfloat16))
+    with pytest.warns(UserWarning, match=r"lean mode \(store_base=False\) rounds a torch.bfloat16 weight"):
+        geomopt.POET([("w", w)], block_size=4, store_base=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        geomopt.POET([("w", w)], block_size=4)
+        geomopt.POET([("w", nn.Parameter(torch.randn(16, 16)))], block_size=4, store_base=False)
+
+
+@pytest.mark.parametrize("store_base", [True, False], ids=["paper", "lean"])
+def test_exact_merge_keeps_the_spectrum_of_a_coarse_polynomial(float64, store_base):
+    """k = 1 (orthogonality error O(||Q||^2)) with no safeguard: merging through the exact Cayley map keeps W0's
+    singular values to rounding over 4 merges; merging the polynomial's blocks does not."""
+    def drift(exact_merge):
+        torch.manual_seed(0)
+        lin = nn.Linear(24, 24, bias=False)
+        sv0 = torch.linalg.svdvals(lin.weight.detach())
+        opt = geomopt.POET([("w", lin.weight)], lr=0.02, block_size=8, merge_every=5, neumann_terms=1,
+                           max_q_norm=None, exact_merge=exact_merge, store_base=store_base)
+        train_linear(opt, lin, 20)
+        assert opt.stats["merges"] == 4
+        sv = torch.linalg.svdvals(lin.weight.detach())
+        return float(((sv - sv0).abs() / sv0).max())
+
+    assert drift(True) < 1e-10
+    assert drift(False) > 1e-4

@@ -1,6 +1,7 @@
 """POET: reparameterized training via orthogonal equivalence transformation, as an optimizer."""
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any, NamedTuple
 
@@ -99,6 +100,13 @@ class POETOptimizer(FactorOptimizer):
             the official code").
         exact_cayley: use the exact Cayley map (a batched Cholesky factorization) instead of the Neumann series.
         merge_every: merge-then-reinitialize interval in steps.
+        exact_merge: the step that merges (every ``merge_every`` steps) rotates by the exact Cayley map of its
+            generators, as a safeguard step does, so that W0 <- R W0 P is an exactly orthogonal change and the
+            singular values survive any number of merges (default). ``False`` merges the Cayley-Neumann blocks,
+            as the paper and the official code do: each merge then adds the polynomial's non-orthogonality
+            (at most ``neumann_terms``' residual at that ||Q||) to W0 for good, and it accumulates over merges
+            (BENCHMARKS.md, "Long-run drift"). Between merges the weight is R W0 P with the polynomial either way.
+            An explicit ``merge()`` keeps the weight as it is, so it merges the polynomial's blocks.
         store_base: keep W0 (paper mode, default). ``False`` is lean mode: no dense copy, W rewritten
             incrementally as W <- (D_new D_old^-1) W (E_old^-1 E_new) on the blocks (b x b inverses; for
             orthogonal blocks D^-1 = D^T), so it equals paper mode up to rounding for every k.
@@ -133,7 +141,7 @@ class POETOptimizer(FactorOptimizer):
 
     def __init__(self, params: Any, lr: float = 1e-3, *, block_size: int | float | None = None, mode: str = "bs",
                  neumann_terms: int = 5, neumann_form: str = "paper", exact_cayley: bool = False,
-                 merge_every: int = 200,
+                 merge_every: int = 200, exact_merge: bool = True,
                  store_base: bool = True, max_q_norm: float | None = 0.5, row_shards: int | None = None,
                  lr_ref_block: int | None = 32,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
@@ -145,7 +153,8 @@ class POETOptimizer(FactorOptimizer):
                  differentiable: bool = False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, factorize=True,
                         block_size=block_size, mode=mode, neumann_terms=neumann_terms, neumann_form=neumann_form,
-                        exact_cayley=exact_cayley, merge_every=merge_every, store_base=store_base,
+                        exact_cayley=exact_cayley, merge_every=merge_every, exact_merge=exact_merge,
+                        store_base=store_base,
                         max_q_norm=max_q_norm, row_shards=row_shards, lr_ref_block=lr_ref_block,
                         **dense_defaults(lr, dense_lr, dense_weight_decay),
                         **flag_defaults(maximize, foreach, fused, capturable, differentiable))
@@ -168,6 +177,12 @@ class POETOptimizer(FactorOptimizer):
     # ------------------------------------------------------------------ arguments
     def _check_group(self, group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
         check_group(group, factorized)
+        low = sorted({str(p.dtype) for p in factorized if p.dtype in (torch.bfloat16, torch.float16)})
+        if not group["store_base"] and low:
+            warnings.warn(f"geomopt: lean mode (store_base=False) rounds a {', '.join(low)} weight at every step, so "
+                          "the rounding errors add up and its singular values drift (0.14 relative over 2,000 steps "
+                          "in BENCHMARKS.md, against 7.5e-4 in paper mode); keep store_base=True for low-precision "
+                          "weights", UserWarning, stacklevel=4)
         if group["capturable"]:
             check_capturable(group, self.nonfinite, self.external_edits, self._inner)
 
@@ -360,6 +375,8 @@ class POETOptimizer(FactorOptimizer):
         the zeroed factors of the weights merged there are written into ``new_qs`` / ``new_inner``)."""
         old, inv = olds
         take = rebased = merged = resets = None
+        due = [group["exact_merge"] and rmap is not None and w.st["since_merge"] + 1 >= group["merge_every"]
+               for w in works]  # a scheduled merge follows: exact rotations
         if device is None:
             new = host_rotations(group["max_q_norm"], works, batch, batch.cat(new_qs), rmap, converged)
             if new is None:
@@ -367,7 +384,7 @@ class POETOptimizer(FactorOptimizer):
             mats, flags, bounds = new
         else:
             mats, take, merged = device_safeguard(group["max_q_norm"], works, batch, batch.cat(new_qs), rmap,
-                                                  device.ok, converged)
+                                                  device.ok, converged, due)
             if group["store_base"]:  # a weight changed from outside is re-based, not moved
                 edited = device.edited([w.p for w in works])
                 take, merged, rebased = take & ~edited, merged & ~edited, device.ok & edited
@@ -379,8 +396,9 @@ class POETOptimizer(FactorOptimizer):
                 mats = keep_unless(mats, take, works, batch)
             resets = device_resets(works, merged, rebased, new_qs, new_inner)
         per = batch.split(mats)  # views: what the safeguard writes into them ``mats`` shows
-        if any(flags):
-            exact_for_flagged(group["store_base"], works, flags, batch, per, new_qs, old, inv)
+        exact = [f or d for f, d in zip(flags, due)]
+        if device is None and any(exact):
+            exact_for_flagged(group["store_base"], works, exact, batch, per, new_qs, old, inv)
         if rebased is None:  # the take and W0 flags serve paper mode's capturable step only
             return _Decided(mats, per, flags, bounds, None, None, resets)
         return _Decided(mats, per, flags, bounds, take, merged | rebased, resets)  # merged or re-based: W0 <- W

@@ -31,9 +31,11 @@ __all__ = ["device_safeguard", "keep_unless", "device_resets", "base_reset"]
 
 
 def device_safeguard(limit: float | None, works: list[Work], batch: ByKey, new_q: dict, rmap: RotationMap | None,
-                     ok: torch.Tensor, converged: torch.Tensor | None) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """(the new rotations per key of ``batch``, exact where the safeguard fires; per weight, whether its update is
-    taken; per weight, whether it is merged on the device), all computed on the device."""
+                     ok: torch.Tensor, converged: torch.Tensor | None,
+                     due: list[bool] | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """(the new rotations per key of ``batch``, exact where the safeguard fires or ``due`` (per weight, from the
+    host: a scheduled merge follows and ``exact_merge`` is set); per weight, whether its update is taken; per
+    weight, whether it is merged on the device), all computed on the device."""
     n, device = len(works), ok.device
     conv = torch.ones((), dtype=torch.bool, device=device) if converged is None else converged.to(device)
     take = (ok & conv).expand(n)
@@ -43,7 +45,8 @@ def device_safeguard(limit: float | None, works: list[Work], batch: ByKey, new_q
     flagged = weight_bounds(works, batch, {k: bd for k, (_, bd) in pairs.items()}) > limit
     exact = per_size(lambda q, b: rotation(q, b, None), new_q)
     owners = entry_owners(works, batch, device)
-    mats = {k: torch.where(flagged[owners[k]].view(-1, 1, 1), exact[k], r) for k, (r, _) in pairs.items()}
+    use = flagged if due is None or not any(due) else flagged | torch.tensor(due, device=device)
+    mats = {k: torch.where(use[owners[k]].view(-1, 1, 1), exact[k], r) for k, (r, _) in pairs.items()}
     return mats, take, ok & (flagged | ~conv)
 
 

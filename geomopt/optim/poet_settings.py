@@ -107,7 +107,7 @@ def check_group(group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
         raise ValueError(f"neumann_form must be one of {FORMS}, got {form!r}")
     check_number("neumann_terms", group["neumann_terms"], low=2 if form == "series" else 1, integer=True)
     check_number("merge_every", group["merge_every"], low=1, integer=True)
-    for key in ("exact_cayley", "store_base", "factorize"):
+    for key in ("exact_cayley", "exact_merge", "store_base", "factorize"):
         if not isinstance(group[key], bool):
             raise TypeError(f"{key} must be a bool, got {group[key]!r}")
     if group["max_q_norm"] is not None:

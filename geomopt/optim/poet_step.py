@@ -364,19 +364,17 @@ def group_mats(gr: Group, batch: ByKey, mats: dict, per: list, starts: list[int]
 
 
 def exact_for_flagged(store_base: bool, works: list[Work], flags: list[bool], batch: ByKey,
-                       per: list, new_qs: list, old: dict, inv: dict) -> None:
-    """The safeguard: a flagged weight's new rotations (or deltas) become those of the exact Cayley map,
-    written into ``per`` (per entry, views of the batched matrices; a merge follows)."""
-    olds, invs = batch.split(old), batch.split(inv)
-    pos = 0
-    for w, early in zip(works, flags):
-        idx = range(pos, pos + len(w.qs))
-        pos += len(w.qs)
-        if not early:
-            continue
-        exact = rotations([new_qs[i] for i in idx], w.rows + w.cols, None)
-        for i, (side, _), r in zip(idx, w.sides(), exact):
-            per[i].copy_(r if store_base else delta(side, r, olds[i], invs[i]))
+                      per: list, new_qs: list, old: dict, inv: dict) -> None:
+    """A flagged weight's new rotations (or deltas) become those of the exact Cayley map, written into ``per`` (per
+    entry, views of the batched matrices; a merge follows): the safeguard's weights, and with ``exact_merge`` the
+    weights of a scheduled merge. The exact map runs once per key on the flagged weights' blocks."""
+    owner = [i for i, w in enumerate(works) for _ in w.qs]
+    at = [e for e, i in enumerate(owner) if flags[i]]
+    sub = ByKey([batch.keys[e] for e in at], [batch.counts[e] for e in at])
+    exact = sub.split(per_size(lambda q, b: rotation(q, b, None), sub.cat([new_qs[e] for e in at])))
+    olds, invs = (None, None) if store_base else (batch.split(old), batch.split(inv))
+    for e, r in zip(at, exact):
+        per[e].copy_(r if store_base else delta(batch.keys[e][0], r, olds[e], invs[e]))
 
 
 def inverse_iterations(group: dict[str, Any], dtype: torch.dtype, c: float) -> int | None:
