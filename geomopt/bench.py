@@ -54,7 +54,7 @@ OPTIMIZERS = {
     "poet-fs": (lambda m, lr, a: POET(m, lr=lr, block_size=0.5, mode="fs", **_poet_args(a)), 3e-3),
     "relora": (lambda m, lr, a: ReLoRAReset(m, lr=lr, rank=a.rank, alpha=a.rank, reset_every=a.reset_every,
                                             restart_warmup_steps=a.restart_warmup,
-                                            warm_start_steps=a.warm_start), 3e-3),
+                                            warm_start_steps=a.warm_start), 2e-3),
     "dlra": (lambda m, lr, a: DLRAMomentum(m, lr=lr, rank=a.rank, method="adam"), 3e-3),
     "dlra-hb": (lambda m, lr, a: DLRAMomentum(m, lr=lr, rank=a.rank, method="heavy_ball"), 1e-1),
 }
