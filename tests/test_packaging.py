@@ -43,7 +43,7 @@ def test_every_required_dependency_is_imported():
     """A dependency that nothing in the package imports is not declared (the required ones; extras are optional)."""
     required = [r for r in importlib.metadata.requires("geomopt") if "extra ==" not in r]
     names = {r.split(";")[0].split(">")[0].split("=")[0].split("<")[0].strip() for r in required}
-    imported = _imported_top_level("geomopt") | _imported_top_level("kernels")
+    imported = _imported_top_level("geomopt")
     assert names and names <= imported, names - imported
 
 
