@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-q-norm", type=float, default=0.5, help="POET's safeguard threshold (package default 0.5)")
     p.add_argument("--exact-cayley", action="store_true")
     p.add_argument("--neumann-terms", type=int, default=None, help="POET's k (default: POET's)")
-    p.add_argument("--no-exact-merge", action="store_true", help="merge the Cayley-Neumann blocks (the paper's)")
+    p.add_argument("--no-exact-merge", action="store_true", help="merge the Cayley-Neumann blocks (POET's default)")
     p.add_argument("--lean", action="store_true", help="lean mode (store_base=False)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float64"))
     p.add_argument("--skip-dlra", action="store_true")

@@ -68,8 +68,8 @@ def _poet_args(args: argparse.Namespace) -> dict[str, Any]:
         out["lr_ref_block"] = None if args.lr_ref_block == "none" else args.lr_ref_block
     if args.neumann_terms is not None:
         out["neumann_terms"] = args.neumann_terms
-    if args.no_exact_merge:
-        out["exact_merge"] = False
+    if args.exact_merge:
+        out["exact_merge"] = True
     return out
 
 
@@ -329,8 +329,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="POET's lr_ref_block: the factors' lr scaled by sqrt(REF / b); 'none' turns it off "
                         "(default: POET's, 32)")
     p.add_argument("--neumann-terms", type=int, default=None, help="POET's Cayley-Neumann terms k (default: POET's)")
-    p.add_argument("--no-exact-merge", action="store_true",
-                   help="POET merges its Cayley-Neumann blocks (exact_merge=False: the paper's and official merge)")
+    p.add_argument("--exact-merge", action="store_true",
+                   help="POET's merging step rotates by the exact Cayley map (exact_merge=True)")
     p.add_argument("--rank", type=int, default=32, help="ReLoRA and DLRA rank (ReLoRA alpha = rank, so s = 1)")
     p.add_argument("--reset-every", type=int, default=100, help="ReLoRA steps per cycle")
     p.add_argument("--restart-warmup", type=int, default=10, help="ReLoRA post-reset lr warm-up steps (0: none)")

@@ -89,7 +89,7 @@ def run_pair(mode, block, terms, steps=55, merge_every=20, lr=3e-3, store_base=T
                          ids=["bs-b8", "fs-b8", "fs-half", "bs-b4"])
 @pytest.mark.parametrize("terms", [5, 4, None], ids=["cnp5", "cnp4", "exact"])
 def test_matches_module_reference(float64, mode, block, terms):
-    """Merging through the exact Cayley map (the default ``exact_merge``): the reference's merges take the exact
+    """Merging through the exact Cayley map (``exact_merge=True``): the reference's merges take the exact
     map of the merging step's generators (merging its polynomial instead differs by 2e-7 at k = 5, 2e-6 at k = 4)."""
     worst, _ = run_pair(mode, block, terms)
     assert worst < 1e-10, worst

@@ -102,8 +102,10 @@ class POETOptimizer(FactorOptimizer):
         merge_every: merge-then-reinitialize interval in steps.
         exact_merge: the step that merges (every ``merge_every`` steps) rotates by the exact Cayley map of its
             generators, as a safeguard step does, so that W0 <- R W0 P is an exactly orthogonal change and the
-            singular values survive any number of merges (default). ``False`` merges the Cayley-Neumann blocks,
-            as the paper and the official code do: each merge then adds the polynomial's non-orthogonality
+            singular values survive any number of merges. The price: that step changes the weight by the
+            polynomial's error at the current generators even where they did not move (at lr 0 too), so it is
+            opt-in. ``False`` (default) merges the Cayley-Neumann blocks, as the paper and the official code do:
+            each merge then adds the polynomial's non-orthogonality
             (at most ``neumann_terms``' residual at that ||Q||) to W0 for good, and it accumulates over merges
             (BENCHMARKS.md, "Long-run drift"). Between merges the weight is R W0 P with the polynomial either way.
             An explicit ``merge()`` keeps the weight as it is, so it merges the polynomial's blocks.
@@ -141,7 +143,7 @@ class POETOptimizer(FactorOptimizer):
 
     def __init__(self, params: Any, lr: float = 1e-3, *, block_size: int | float | None = None, mode: str = "bs",
                  neumann_terms: int = 5, neumann_form: str = "paper", exact_cayley: bool = False,
-                 merge_every: int = 200, exact_merge: bool = True,
+                 merge_every: int = 200, exact_merge: bool = False,
                  store_base: bool = True, max_q_norm: float | None = 0.5, row_shards: int | None = None,
                  lr_ref_block: int | None = 32,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
