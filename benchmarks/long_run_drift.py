@@ -1,6 +1,6 @@
 """Long-run drift: POET for 10,000 steps (50 merges) on one 256 x 256 weight, and DLRAMomentum's bases.
 
-    python benchmarks/long_run_drift.py [--steps 10000] [--merge-every 200] [--no-exact-merge] [--dtype bfloat16]
+    python benchmarks/long_run_drift.py [--steps 10000] [--merge-every 200] [--exact-merge] [--dtype bfloat16]
 
 POET keeps the singular values of W0 up to the Cayley-Neumann error of the current generators; this prints the
 largest relative change of any singular value against W0's right after every 10th merge (what the merges keep for
@@ -96,18 +96,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-q-norm", type=float, default=0.5, help="POET's safeguard threshold (package default 0.5)")
     p.add_argument("--exact-cayley", action="store_true")
     p.add_argument("--neumann-terms", type=int, default=None, help="POET's k (default: POET's)")
-    p.add_argument("--no-exact-merge", action="store_true", help="merge the Cayley-Neumann blocks (POET's default)")
+    p.add_argument("--exact-merge", action="store_true",
+                   help="merge through the exact Cayley map (POET(exact_merge=True); default: POET's default)")
     p.add_argument("--lean", action="store_true", help="lean mode (store_base=False)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float64"))
     p.add_argument("--skip-dlra", action="store_true")
     args = p.parse_args(argv)
     terms = {} if args.neumann_terms is None else dict(neumann_terms=args.neumann_terms)
+    merge = dict(exact_merge=True) if args.exact_merge else {}
     res = poet_drift(args.steps, args.merge_every, args.lr, dtype=getattr(torch, args.dtype),
                      max_q_norm=args.max_q_norm, exact_cayley=args.exact_cayley,
-                     exact_merge=not args.no_exact_merge, store_base=not args.lean, **terms)
-    k = terms.get("neumann_terms", inspect.signature(geomopt.POET).parameters["neumann_terms"].default)
+                     store_base=not args.lean, **terms, **merge)
+    defaults = inspect.signature(geomopt.POET).parameters
+    k = terms.get("neumann_terms", defaults["neumann_terms"].default)
+    exact = merge.get("exact_merge", defaults["exact_merge"].default)
     kind = "exact Cayley" if args.exact_cayley else f"k={k}, max_q_norm {args.max_q_norm}"
-    merged = "exact merges" if not args.no_exact_merge else "Neumann merges"
+    merged = "exact merges" if exact else "Neumann merges"
     print(f"POET, 256 x 256 {args.dtype}, block 32, {kind}, {merged}, {'lean' if args.lean else 'paper'} mode, "
           f"lr {args.lr}, {args.steps} steps, {len(res.merges)} merges; ||W_end - W_0||_F / ||W_0||_F = "
           f"{res.moved:.3f}")
