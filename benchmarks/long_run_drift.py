@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exact-merge", action="store_true",
                    help="merge through the exact Cayley map (POET(exact_merge=True); default: POET's default)")
     p.add_argument("--lean", action="store_true", help="lean mode (store_base=False)")
+    p.add_argument("--no-compensate", action="store_true", help="lean mode without its rounding buffer (bf16 / fp16)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float64"))
     p.add_argument("--skip-dlra", action="store_true")
     args = p.parse_args(argv)
@@ -106,13 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     merge = dict(exact_merge=True) if args.exact_merge else {}
     res = poet_drift(args.steps, args.merge_every, args.lr, dtype=getattr(torch, args.dtype),
                      max_q_norm=args.max_q_norm, exact_cayley=args.exact_cayley,
-                     store_base=not args.lean, **terms, **merge)
+                     store_base=not args.lean, compensate=not args.no_compensate, **terms, **merge)
     defaults = inspect.signature(geomopt.POET).parameters
     k = terms.get("neumann_terms", defaults["neumann_terms"].default)
     exact = merge.get("exact_merge", defaults["exact_merge"].default)
     kind = "exact Cayley" if args.exact_cayley else f"k={k}, max_q_norm {args.max_q_norm}"
     merged = "exact merges" if exact else "Neumann merges"
-    print(f"POET, 256 x 256 {args.dtype}, block 32, {kind}, {merged}, {'lean' if args.lean else 'paper'} mode, "
+    print(f"POET, 256 x 256 {args.dtype}, block 32, {kind}, {merged}, {'lean' if args.lean else 'paper'} mode"
+          f"{' (uncompensated)' if args.lean and args.no_compensate else ''}, "
           f"lr {args.lr}, {args.steps} steps, {len(res.merges)} merges; ||W_end - W_0||_F / ||W_0||_F = "
           f"{res.moved:.3f}")
     print("| merge | step | max relative singular-value change vs W0, after it |\n| --- | --- | --- |")

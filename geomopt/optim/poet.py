@@ -19,7 +19,7 @@ from .docs import fill_args_doc
 from .guard import deferred_interrupt
 from .inner import AdamRule
 from .poet_capture import base_reset, device_resets, device_safeguard, keep_unless
-from .poet_settings import SIDES, check_capturable, check_group
+from .poet_settings import SIDES, check_capturable, check_group, compensates
 from .poet_step import (
     Group,
     Work,
@@ -112,6 +112,12 @@ class POETOptimizer(FactorOptimizer):
         store_base: keep W0 (paper mode, default). ``False`` is lean mode: no dense copy, W rewritten
             incrementally as W <- (D_new D_old^-1) W (E_old^-1 E_new) on the blocks (b x b inverses; for
             orthogonal blocks D^-1 = D^T), so it equals paper mode up to rounding for every k.
+        compensate: lean mode with bf16 or fp16 weights keeps what each step's rounding of W dropped (one bf16
+            buffer per weight, 2 bytes per entry, against paper mode's fp32 W0 at 4) and adds it back before the
+            next rotation, so the roundings do not add up: the weight stays one rounding away from its exact
+            rotation, as in paper mode (BENCHMARKS.md, "bf16 weights"). Default True; ``False`` saves the buffer
+            and lets the spectrum drift (0.14 relative over 2,000 steps there). Not with ``capturable=True``
+            (that step rounds as ``False`` does). No effect in paper mode or on fp32 / fp64 weights.
         max_q_norm: threshold of the safeguard above (``None`` turns it off).
         row_shards: cut each row permutation into this many equal consecutive parts and block each part on
             its own (weights whose rows it does not divide, and ``"fs"`` mode, keep one part). Default
@@ -139,12 +145,13 @@ class POETOptimizer(FactorOptimizer):
     STAT_KEYS = ("merges", "early_merges")
     STATE_MARKER = "perm_row"
     STRUCTURAL = ("block_size", "mode", "store_base", "row_shards", "neumann_terms", "neumann_form", "exact_cayley")
-    ADDED_SETTINGS = ("row_shards", "lr_ref_block", "neumann_form")
+    ADDED_SETTINGS = ("row_shards", "lr_ref_block", "neumann_form", "exact_merge", "compensate")
 
     def __init__(self, params: Any, lr: float = 1e-3, *, block_size: int | float | None = None, mode: str = "bs",
                  neumann_terms: int = 5, neumann_form: str = "paper", exact_cayley: bool = False,
                  merge_every: int = 200, exact_merge: bool = False,
-                 store_base: bool = True, max_q_norm: float | None = 0.5, row_shards: int | None = None,
+                 store_base: bool = True, compensate: bool = True, max_q_norm: float | None = 0.5,
+                 row_shards: int | None = None,
                  lr_ref_block: int | None = 32,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
                  dense_lr: float | None = None, dense_weight_decay: float | None = None,
@@ -156,7 +163,7 @@ class POETOptimizer(FactorOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, factorize=True,
                         block_size=block_size, mode=mode, neumann_terms=neumann_terms, neumann_form=neumann_form,
                         exact_cayley=exact_cayley, merge_every=merge_every, exact_merge=exact_merge,
-                        store_base=store_base,
+                        store_base=store_base, compensate=compensate,
                         max_q_norm=max_q_norm, row_shards=row_shards, lr_ref_block=lr_ref_block,
                         **dense_defaults(lr, dense_lr, dense_weight_decay),
                         **flag_defaults(maximize, foreach, fused, capturable, differentiable))
@@ -174,17 +181,25 @@ class POETOptimizer(FactorOptimizer):
         return (None, True) if group["capturable"] else (group["foreach"], group["fused"])
 
     def _overwrites(self, group: dict[str, Any]) -> bool:
-        return bool(group["store_base"])  # paper mode writes R W0 P; lean mode rotates W as it is
+        """Paper mode writes R W0 P; lean mode rotates W as it is, plus (``compensate``) what its last rounding
+        dropped, which an edit from outside makes stale."""
+        return bool(group["store_base"]) or any(compensates(group, p) for p in group["params"])
+
+    def _rebase(self, p: torch.Tensor, group: dict[str, Any], st: dict[str, Any]) -> None:
+        if group["store_base"]:
+            return self._rebuild(p, group, st)
+        st.pop("comp", None)  # lean mode: the edited weight is the weight; the factors stay
 
     # ------------------------------------------------------------------ arguments
     def _check_group(self, group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
         check_group(group, factorized)
         low = sorted({str(p.dtype) for p in factorized if p.dtype in (torch.bfloat16, torch.float16)})
-        if not group["store_base"] and low:
-            warnings.warn(f"geomopt: lean mode (store_base=False) rounds a {', '.join(low)} weight at every step, so "
-                          "the rounding errors add up and its singular values drift (0.14 relative over 2,000 steps "
-                          "in BENCHMARKS.md, against 7.5e-4 in paper mode); keep store_base=True for low-precision "
-                          "weights", UserWarning, stacklevel=4)
+        if not group["store_base"] and low and not (group["compensate"] and not group["capturable"]):
+            why = "with capturable=True" if group["compensate"] else "with compensate=False"
+            warnings.warn(f"geomopt: lean mode (store_base=False) {why} rounds a {', '.join(low)} weight at every "
+                          "step, so the rounding errors add up and its singular values drift (0.14 relative over "
+                          "2,000 steps in BENCHMARKS.md, against 7.5e-4 in paper mode); keep store_base=True or "
+                          "compensate=True for low-precision weights", UserWarning, stacklevel=4)
         if group["capturable"]:
             check_capturable(group, self.nonfinite, self.external_edits, self._inner)
 
@@ -273,6 +288,7 @@ class POETOptimizer(FactorOptimizer):
         state.update(self._perms(p, state, group))
         state.update(self._fresh_factors(p, group), q_bound=0.0)
         state.pop("w0", None)
+        state.pop("comp", None)  # lean mode's rounding compensation starts again from zero (``_work``)
         if group["store_base"]:
             w0 = to_local(p).detach().to(factor_dtype(p), copy=True)
             shard = row_shard(p) if self._steps_shard(p, group) else None
@@ -297,6 +313,8 @@ class POETOptimizer(FactorOptimizer):
             out[f"inner_{side}"] = layout.InnerList(shapes, keys)
         if group["store_base"]:
             out["w0"] = layout.Floats((m, n))
+        if compensates(group, p):
+            out["comp"] = layout.Optional(layout.Floats((m, n)))
         return out
 
     # ------------------------------------------------------------------ step
@@ -321,6 +339,11 @@ class POETOptimizer(FactorOptimizer):
     def _work(self, p: torch.Tensor, g: torch.Tensor, group: dict[str, Any]) -> Work:
         st = self.state[p]  # a row-sharded weight (FSDP2) works on its local rows: every row tensor is local
         shard, rows, cols = self._blocks(p, st, group)
+        if not compensates(group, p):
+            st.pop("comp", None)
+        elif "comp" not in st:  # zero: nothing dropped yet (new factors, an older state_dict, an edit)
+            comp = torch.zeros_like(to_local(p), dtype=torch.bfloat16)
+            st["comp"] = comp if shard is None else like(comp, shard)
         return Work(p, g, st, shard, rows, cols, [to_local(q) for q in st["q_row"]] + st["q_col"],
                     [local_state(s) for s in st["inner_row"]], factor_dtype(p))
 

@@ -12,7 +12,7 @@ from .checks import check_number
 from .inner import AdamRule
 
 __all__ = ["MODES", "SIDES", "FORMS", "DEFAULT_BLOCK", "RotationMap", "rotation_map", "layout", "sizes", "lr_scales",
-           "check_group", "check_capturable"]
+           "compensates", "check_group", "check_capturable"]
 
 MODES = ("bs", "fs")
 FORMS = ("paper", "series")
@@ -97,6 +97,13 @@ def _check_block_size(group: dict[str, Any], factorized: list[torch.Tensor]) -> 
         raise ValueError(f"block_size={b} is larger than every routed weight (largest dimension {largest})")
 
 
+def compensates(group: dict[str, Any], p: torch.Tensor) -> bool:
+    """Whether lean mode keeps the rounding its step drops from weight ``p`` (``compensate``): bf16 / fp16 weights,
+    off the capturable step."""
+    return (not group["store_base"] and group["compensate"] and not group["capturable"]
+            and p.dtype in (torch.bfloat16, torch.float16))
+
+
 def check_group(group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
     """A param group's POET settings (``factorized``: its routed weights)."""
     if group["mode"] not in MODES:
@@ -107,7 +114,7 @@ def check_group(group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
         raise ValueError(f"neumann_form must be one of {FORMS}, got {form!r}")
     check_number("neumann_terms", group["neumann_terms"], low=2 if form == "series" else 1, integer=True)
     check_number("merge_every", group["merge_every"], low=1, integer=True)
-    for key in ("exact_cayley", "exact_merge", "store_base", "factorize"):
+    for key in ("exact_cayley", "exact_merge", "store_base", "compensate", "factorize"):
         if not isinstance(group[key], bool):
             raise TypeError(f"{key} must be a bool, got {group[key]!r}")
     if group["max_q_norm"] is not None:

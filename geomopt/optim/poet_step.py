@@ -30,7 +30,8 @@ from .sharded import all_reduce, like, reduce_over_meshes, shard_state, to_local
 
 __all__ = ["Work", "Group", "group_key", "make_groups", "rotation", "rotation_and_bound", "rotations",
            "per_size", "delta", "apply_blocks", "block_grads", "rewrite", "generator_grads", "safeguard", "new_factors",
-           "group_mats", "exact_for_flagged", "inverse_iterations", "entry_owners", "weight_bounds", "host_rotations"]
+           "group_mats", "exact_for_flagged", "split_rounding", "inverse_iterations", "entry_owners", "weight_bounds",
+           "host_rotations"]
 
 
 class Work(NamedTuple):
@@ -207,6 +208,9 @@ def rewrite(gr: Group, rows: list[torch.Tensor], cols: list[torch.Tensor], store
     if store_base or base is None or len(gr.works) == 1 or take is not None:
         src = [to_local(x.st["w0"]) for x in gr.works] if store_base else targets
         base = dense_stack(src, w.fdtype, private=True)
+    comps = None if store_base or "comp" not in w.st else [to_local(x.st["comp"]) for x in gr.works]
+    if comps is not None:  # lean mode rotates the weight as it is plus what its last rounding dropped
+        torch._foreach_add_(list(base.unbind(0)), comps)
     lead, m, n = base.shape
     flat = base.view(lead * m, n)
     in_place = can("rotate_rows", flat, "in_place")
@@ -224,7 +228,28 @@ def rewrite(gr: Group, rows: list[torch.Tensor], cols: list[torch.Tensor], store
         x = torch.where(take.view(-1, 1, 1), x, current)
     news = list(x.unbind(0))
     kept = [(new if lead == 1 else new.clone()) if k else None for new, k in zip(news, keep)]
+    if comps is not None:
+        low, dropped = split_rounding(x, targets[0].dtype)
+        return functools.partial(_write_compensated, targets, list(low.unbind(0)), comps,
+                                 list(dropped.unbind(0))), kept, x
     return functools.partial(torch._foreach_copy_, targets, news), kept, x
+
+
+def split_rounding(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``x`` rounded to ``dtype``, what that rounding dropped, in bf16 rounded towards zero). Towards zero, the
+    kept part is never larger than half a unit of the rounded value, so rounding their sum again gives the rounded
+    value back: a step that does not move the weight (lr 0) leaves it as it is."""
+    low = x.to(dtype)
+    dropped = x - low.to(x.dtype)
+    if dropped.dtype != torch.float32:
+        dropped = dropped.float()
+    dropped.view(torch.int32).bitwise_and_(-65536)  # bf16 is fp32's upper half: truncation rounds towards zero
+    return low, dropped.to(torch.bfloat16)
+
+
+def _write_compensated(targets: list, low: list, comps: list, dropped: list) -> None:
+    torch._foreach_copy_(targets, low)
+    torch._foreach_copy_(comps, dropped)
 
 
 def _rewrite_in_place(w: Work, mats: list[torch.Tensor], store_base: bool, keep: bool):
