@@ -91,8 +91,11 @@ class POETOptimizer(FactorOptimizer):
             256 (the paper's POET-BS setting), clamped to each side's dimension, so small models work;
             an explicit size larger than every routed weight is an error.
         mode: ``"bs"`` (block-stochastic, default) or ``"fs"`` (fully stochastic).
-        neumann_terms: k of the Cayley-Neumann series (default 5; the paper's ablation: 1 does not
-            converge). k = 4 keeps the spectrum better (orthogonality error O(||Q||^10) vs O(||Q||^6)).
+        neumann_terms: k of the Cayley-Neumann series (default 4; the paper's ablation: 1 does not
+            converge). An even k keeps the spectrum: the orthogonality error is O(||Q||^(2k+2)) for even k and
+            O(||Q||^(k+1)) for odd k, so k = 4 (||Q||^10) is orthogonal where the paper's k = 5 (2 ||Q||^6) is
+            not, at the same three batched products; over three seeds on the ``small`` preset both reach the
+            same loss (BENCHMARKS.md, "Neumann terms"). ``neumann_terms=5`` is the paper's setting.
         neumann_form: which polynomial k means. ``"paper"`` (default): the paper's Eq. 6,
             (I + Q)(I + Q + ... + Q^k) = I + 2(Q + ... + Q^k) + Q^(k+1). ``"series"``: the Cayley map's series cut
             after Q^(k-1), I + 2(Q + ... + Q^(k-1)) (k >= 2), what the official code's torch fallback computes at
@@ -148,7 +151,7 @@ class POETOptimizer(FactorOptimizer):
     ADDED_SETTINGS = ("row_shards", "lr_ref_block", "neumann_form", "exact_merge", "compensate")
 
     def __init__(self, params: Any, lr: float = 1e-3, *, block_size: int | float | None = None, mode: str = "bs",
-                 neumann_terms: int = 5, neumann_form: str = "paper", exact_cayley: bool = False,
+                 neumann_terms: int = 4, neumann_form: str = "paper", exact_cayley: bool = False,
                  merge_every: int = 200, exact_merge: bool = False,
                  store_base: bool = True, compensate: bool = True, max_q_norm: float | None = 0.5,
                  row_shards: int | None = None,
