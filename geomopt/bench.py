@@ -30,6 +30,7 @@ from .init import normalized_gaussian_
 from .optim import POET, DLRAMomentum, ReLoRAReset
 from .optim.functional import fused_supported
 from .optim.routing import build_param_groups
+from .schedules import warmup_cosine
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden=32, layers=2, heads=2, intermediate=64, seq_len=32, batch=4, steps=12, eval_windows=4,
@@ -97,15 +98,6 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
     return LlamaForCausalLM(cfg)
 
 
-def lr_lambda(total: int, warmup: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return f
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, windows: torch.Tensor) -> float:
     model.eval()
@@ -143,7 +135,8 @@ class Run:
             step_in_backward(model, self.opt)  # loss.backward() steps each weight; opt.step() finds no gradient
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(args.steps, max(1, args.steps // 10)))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(
+            total_steps=args.steps, warmup_steps=max(1, args.steps // 10), warmup_offset=1))
         self.gen = torch.Generator().manual_seed(args.seed + 1)  # the same batches for every optimizer
         self.step_time = self.train_time = 0.0
         self.peak_state = 0

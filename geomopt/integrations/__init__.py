@@ -8,7 +8,8 @@ pair from a short spec, ready for ``Trainer(optimizers=...)``:
   None or strings; ``include`` and ``exclude`` always strings, one pattern each), plus ``warmup``
   (scheduler warm-up steps, default 1% of ``total_steps``) and
   ``min_lr_ratio`` (default 0.1).
-- The scheduler is a LambdaLR: cosine with warm-up, and for ReLoRA the jagged cosine
+- The scheduler is a LambdaLR: cosine with warm-up (``geomopt.schedules.warmup_cosine``; the first step at
+  lr / ``warmup``, none at lr 0), and for ReLoRA the jagged cosine
   (``geomopt.schedules.jagged_cosine``) that drops to 0 at every reset and warms up again over
   ``restart_warmup_steps`` (default: a tenth of ``reset_every``, at most 100); the optimizer's own
   post-reset warm-up is then off, so the warm-up happens once.
@@ -20,13 +21,12 @@ lists and every 2-D tensor is factorized (geomopt warns).
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from ..optim import POET, DLRAMomentum, ReLoRAReset
-from ..schedules import jagged_cosine
+from ..schedules import jagged_cosine, warmup_cosine
 
 __all__ = ["OPTIMIZERS", "parse_spec", "make_optimizer"]
 
@@ -65,15 +65,6 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name, kwargs
 
 
-def _cosine(total: int, warmup: int, min_ratio: float):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
-
-
 def make_optimizer(model: torch.nn.Module, spec: str, total_steps: int):
     """(optimizer, scheduler) for ``model`` from ``spec`` (see the module docstring)."""
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
@@ -96,7 +87,7 @@ def make_optimizer(model: torch.nn.Module, spec: str, total_steps: int):
             restart_warmup = min(100, group["reset_every"] // 10)
         fn = jagged_cosine(total_steps=total_steps, warmup_steps=warmup, restart_every=group["reset_every"],
                            restart_warmup_steps=restart_warmup, restart_offset=group["warm_start_steps"],
-                           min_lr_ratio=min_ratio)
+                           min_lr_ratio=min_ratio, warmup_offset=1)
     else:
-        fn = _cosine(total_steps, warmup, min_ratio)
+        fn = warmup_cosine(total_steps=total_steps, warmup_steps=warmup, min_lr_ratio=min_ratio, warmup_offset=1)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, fn)
