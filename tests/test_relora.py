@@ -231,7 +231,7 @@ def test_merge_and_reinit_with_peft():
                 p.normal_()
     x = torch.randn(5, 8)
     before = model(x)
-    assert geomopt.relora.merge_and_reinit(model) == 2
+    assert geomopt.peft_lora.merge_and_reinit(model) == 2
     assert torch.allclose(model(x), before, atol=1e-5)
     for n, p in model.named_parameters():
         if "lora_B" in n:

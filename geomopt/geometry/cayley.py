@@ -13,7 +13,6 @@ from torch.autograd.function import once_differentiable
 from .skew import _triu_flat_pair, bound_from_powers, skew_norm_bound, unpack_skew
 
 __all__ = ["cayley_exact", "cayley_neumann", "cayley_neumann_horner", "cayley_neumann_with_bound", "cayley_series",
-           "cayley",
            "rotation_inverse", "normal_inverse", "newton_schulz_inverse", "newton_schulz_iterations"]
 
 
@@ -175,11 +174,6 @@ def cayley_exact(q: torch.Tensor, b: int) -> torch.Tensor:
     plus = eye + Q
     chol, _ = torch.linalg.cholesky_ex(eye + Q.transpose(-2, -1) @ Q)
     return torch.cholesky_solve(plus @ plus, chol)
-
-
-def cayley(q: torch.Tensor, b: int, terms: int | None) -> torch.Tensor:
-    """Exact Cayley when ``terms`` is None, else Cayley-Neumann with ``terms`` terms."""
-    return cayley_exact(q, b) if terms is None else cayley_neumann(q, b, terms)
 
 
 def rotation_inverse(d: torch.Tensor, max_iters: int = 12) -> torch.Tensor:

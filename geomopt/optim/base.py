@@ -149,7 +149,7 @@ class FactorOptimizer(Optimizer):
         """Validate a group's method options; raise ValueError/TypeError naming argument and value."""
 
     def _param_seed(self, index: int) -> int:
-        return (self._seed * 0x9E3779B97F4A7C15 + index * 0x632BE59BD9B4E019 + 1) % (2**63 - 1)
+        return layout.mix_seed(self._seed, index, 0x632BE59BD9B4E019)
 
     @staticmethod
     def _generator(state: dict[str, Any]) -> torch.Generator:

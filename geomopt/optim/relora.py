@@ -14,7 +14,7 @@ from .checks import check_number, check_rank, dense_defaults, flag_defaults
 from .docs import fill_args_doc
 from .inner import AdamRule
 from .sharded import all_reduce, is_dtensor, like, local_state, put_back, row_shard, shard_state, to_local
-from .state import factor_dtype
+from .state import factor_dtype, mix_seed
 
 __all__ = ["ReLoRAReset", "PRUNE_MODES", "prune_state_"]
 
@@ -83,7 +83,7 @@ class ReLoRAReset(FactorOptimizer):
 
     Differences from module LoRA: there is no LoRA dropout and the forward stays dense (W is a plain
     weight), so there are no compute savings in the forward; the optimizer-state saving is the point.
-    For frozen-base compute savings, keep peft LoRA layers and use ``geomopt.relora.merge_and_reinit``.
+    For frozen-base compute savings, keep peft LoRA layers and use ``geomopt.peft_lora.merge_and_reinit``.
 
     Args:
 <COMMON_ARGS>
@@ -153,7 +153,7 @@ class ReLoRAReset(FactorOptimizer):
         """A generator for the weight's next draw, seeded from its seed and the count of earlier draws: the
         state holds two ints instead of a generator's state (5 KB), and every rank and resumed run draws
         the same."""
-        seed = (state["seed"] * 0x9E3779B97F4A7C15 + state["draws"] * 0xBF58476D1CE4E5B9 + 1) % (2**63 - 1)
+        seed = mix_seed(state["seed"], state["draws"], 0xBF58476D1CE4E5B9)
         state["draws"] += 1
         return torch.Generator().manual_seed(seed)
 

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..geometry.qr import positive_diagonal, qr_input
+
 __all__ = ["is_dtensor", "RowShard", "row_shard", "all_reduce", "reduce_over_meshes", "global_all", "gather",
            "scatter", "to_local", "like", "local_state", "shard_state", "put_back", "tsqr"]
 
@@ -104,15 +106,12 @@ def tsqr(x: torch.Tensor, shard: RowShard) -> tuple[torch.Tensor, torch.Tensor]:
     """Thin QR of a row-sharded tall matrix (this rank's rows ``x``): QR of the local rows, all-gather of the
     small R factors (c x c each), QR of their stack; signs fixed so that diag(R) >= 0, as
     ``geometry.tall_qr`` does (so for full column rank both give the same factors up to rounding)."""
-    work = x if x.dtype.itemsize > 2 else x.float()
-    q_local, r_local = torch.linalg.qr(work)
+    q_local, r_local = torch.linalg.qr(qr_input(x))
     parts = [torch.empty_like(r_local) for _ in range(shard.world)]
     dist.all_gather(parts, r_local.contiguous(), group=shard.group)
     q_stack, r = torch.linalg.qr(torch.cat(parts))
-    sign = torch.where(r.diagonal() < 0, -1.0, 1.0).to(r.dtype)
     k = r_local.shape[0]
-    q = (q_local @ q_stack[shard.rank * k: (shard.rank + 1) * k]) * sign
-    return q.to(x.dtype), (r * sign.unsqueeze(-1)).to(x.dtype)
+    return positive_diagonal(q_local @ q_stack[shard.rank * k: (shard.rank + 1) * k], r, x.dtype)
 
 
 def local_state(state: dict[str, Any]) -> dict[str, Any]:

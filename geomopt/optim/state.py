@@ -14,13 +14,21 @@ import torch
 
 from .sharded import is_dtensor, to_local
 
-__all__ = ["factor_dtype", "Spec", "Count", "Bound", "Flag", "Seed", "Perm", "RngState", "Floats", "FloatsList",
-           "Inner", "InnerList", "Settings", "Optional", "Step", "check", "copy_state", "adamw_layout", "ADAM_KEYS"]
+__all__ = ["factor_dtype", "mix_seed", "Spec", "Count", "Bound", "Flag", "Seed", "Perm", "RngState", "Floats",
+           "FloatsList", "Inner", "InnerList", "Settings", "Optional", "Step", "check", "copy_state", "adamw_layout",
+           "ADAM_KEYS"]
 
 
 def factor_dtype(p: torch.Tensor) -> torch.dtype:
     """The dtype of the factors of weight ``p``: fp32 for bf16/fp16 weights, else the weight's own."""
     return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+
+def mix_seed(seed: int, count: int, stride: int) -> int:
+    """A seed for draw ``count`` of a stream seeded ``seed`` (a positive 63-bit int): the per-parameter seeds of
+    an optimizer (``count`` the parameter's index) and ReLoRA's draws of A (``count`` the weight's draws so far)
+    use it with their own odd ``stride``, so the streams do not line up."""
+    return (seed * 0x9E3779B97F4A7C15 + count * stride + 1) % (2**63 - 1)
 
 
 def _what(v: Any) -> str:
