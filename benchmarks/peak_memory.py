@@ -17,7 +17,7 @@ import argparse
 
 import torch
 
-from geomopt import bench, step_in_backward
+from geomopt import bench, registry, step_in_backward
 from geomopt.data import load_corpus, sample_batch
 
 
@@ -37,8 +37,8 @@ def train(name: str, args: argparse.Namespace, steps: int, train_tokens: torch.T
     """Everything a training run holds, built inside the measurement: model, optimizer, batches, steps."""
     model = bench.build_model(args).to(args.device)
     base = name.removesuffix(bench.IN_BACKWARD)
-    make, lr = bench.OPTIMIZERS[base]
-    opt = make(model, lr, args)
+    spec = registry.get(base)
+    opt = spec.build_for_bench(model, spec.bench_lr, args)
     handle = step_in_backward(model, opt) if name.endswith(bench.IN_BACKWARD) else None
     gen = torch.Generator().manual_seed(args.seed + 1)
     for _ in range(steps):
@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--seq-len", type=int, default=None, help="override the preset's sequence length")
     a = ap.parse_args(argv)
     names = a.optimizers.split(",")
-    unknown = [n for n in names if n.removesuffix(bench.IN_BACKWARD) not in bench.OPTIMIZERS]
+    unknown = [n for n in names if n.removesuffix(bench.IN_BACKWARD) not in registry.REGISTRY]
     if unknown:
-        raise SystemExit(f"--optimizers: unknown {unknown}; choose from {sorted(bench.OPTIMIZERS)} "
+        raise SystemExit(f"--optimizers: unknown {unknown}; choose from {registry.names()} "
                          f"(NAME{bench.IN_BACKWARD} to step inside backward)")
     if a.steps < 1:
         raise SystemExit(f"--steps must be >= 1, got {a.steps}")

@@ -9,14 +9,14 @@ import time
 
 import torch
 
-from geomopt import bench
+from geomopt import bench, registry
 from geomopt.data import load_corpus, sample_batch
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="small", choices=sorted(bench.PRESETS))
-    p.add_argument("--optimizer", default="poet", choices=sorted(bench.OPTIMIZERS))
+    p.add_argument("--optimizer", default="poet", choices=registry.names())
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=10, help="profiled steps (after 3 warm-up steps)")
     p.add_argument("--rows", type=int, default=25)
@@ -24,8 +24,8 @@ def main() -> None:
     a = p.parse_args()
     args = bench.parse_args(["--preset", a.preset, "--block-size", str(a.block_size), "--device", a.device])
     model = bench.build_model(args).to(a.device)
-    make, lr = bench.OPTIMIZERS[a.optimizer]
-    opt = make(model, lr, args)
+    spec = registry.get(a.optimizer)
+    opt = spec.build_for_bench(model, spec.bench_lr, args)
     train, _ = load_corpus(2_000_000)
     gen = torch.Generator().manual_seed(0)
 

@@ -43,7 +43,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from geomopt import bench
+from geomopt import bench, registry
 from geomopt.data import load_corpus, sample_batch
 
 _A = torch.ops.aten
@@ -120,13 +120,13 @@ def _make(name: str, args: argparse.Namespace) -> Callable[[torch.nn.Module], to
             raise SystemExit(f"--optimizers: unknown suffix {flag!r} in {name!r} (+foreach, +fused or +capturable)")
     if base in ADAMW:
         return lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01, **ADAMW[base])
-    if base not in bench.OPTIMIZERS:
-        known = sorted(ADAMW) + sorted(bench.OPTIMIZERS)
+    if base not in registry.REGISTRY:
+        known = sorted(ADAMW) + sorted(registry.REGISTRY)
         raise SystemExit(f"--optimizers: unknown optimizer {base!r} (choose from {known})")
-    make, lr = bench.OPTIMIZERS[base]
+    spec = registry.get(base)
 
     def build(m: torch.nn.Module) -> torch.optim.Optimizer:
-        opt = make(m, lr, args)
+        opt = spec.build_for_bench(m, spec.bench_lr, args)
         for group in opt.param_groups:
             for flag in flags:
                 group[flag] = True

@@ -23,12 +23,12 @@ from typing import Any
 import torch
 
 from . import data as corpus
+from . import registry
 from .bench_report import COLUMNS, plot, state_bytes, table, trainable_count
 from .grow import expand, parse_growth
 from .in_backward import step_in_backward
 from .init import normalized_gaussian_
-from .optim import POET, DLRAMomentum, ReLoRAReset
-from .optim.functional import fused_supported
+from .optim import POET
 from .optim.routing import build_param_groups
 from .schedules import warmup_cosine
 
@@ -42,37 +42,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # block_size: POET's b, hidden / 4
 
 IN_BACKWARD = "+bwd"  # optimizer-name suffix: step each weight inside backward (geomopt.step_in_backward)
-
-# name -> (constructor, default lr); the constructor takes (model, lr, args)
-OPTIMIZERS = {
-    # the baseline: torch's fused AdamW where the device has the kernel (the strongest AdamW a user has)
-    "adamw": (lambda m, lr, a: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01,
-                                                 fused=fused_supported(list(m.parameters()))), 1e-3),
-    "adamw-loop": (lambda m, lr, a: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01, foreach=False),
-                   1e-3),
-    "poet": (lambda m, lr, a: POET(m, lr=lr, block_size=a.block_size, **_poet_args(a)), 3e-3),
-    "poet-lean": (lambda m, lr, a: POET(m, lr=lr, block_size=a.block_size, store_base=False, **_poet_args(a)), 3e-3),
-    "poet-fs": (lambda m, lr, a: POET(m, lr=lr, block_size=0.5, mode="fs", **_poet_args(a)), 3e-3),
-    "relora": (lambda m, lr, a: ReLoRAReset(m, lr=lr, rank=a.rank, alpha=a.rank, reset_every=a.reset_every,
-                                            restart_warmup_steps=a.restart_warmup,
-                                            warm_start_steps=a.warm_start), 2e-3),
-    "dlra": (lambda m, lr, a: DLRAMomentum(m, lr=lr, rank=a.rank, method="adam"), 3e-3),
-    "dlra-hb": (lambda m, lr, a: DLRAMomentum(m, lr=lr, rank=a.rank, method="heavy_ball"), 1e-1),
-}
-
-
-def _poet_args(args: argparse.Namespace) -> dict[str, Any]:
-    """POET's settings from the flags, for every POET variant: ``merge_every``, and ``lr_ref_block`` (``none``:
-    None), ``neumann_terms`` and ``exact_merge`` where a flag was given; otherwise POET's own defaults."""
-    out: dict[str, Any] = dict(merge_every=args.merge_every)
-    if args.lr_ref_block is not None:
-        out["lr_ref_block"] = None if args.lr_ref_block == "none" else args.lr_ref_block
-    if args.neumann_terms is not None:
-        out["neumann_terms"] = args.neumann_terms
-    if args.exact_merge:
-        out["exact_merge"] = True
-    return out
-
 
 def _ref_block_arg(text: str) -> int | str:
     return "none" if text.lower() == "none" else int(text)
@@ -123,14 +92,14 @@ class Run:
         self.train_tokens = train_tokens
         self.windows = corpus.eval_windows(val_tokens, args.eval_windows, args.seq_len).to(args.device)
         self.model = model = build_model(args).to(args.device)
-        if name.startswith("poet") and args.poet_init == "normalized":
+        if issubclass(registry.get(name.removesuffix(IN_BACKWARD)).cls, POET) and args.poet_init == "normalized":
             normalized_gaussian_(model, generator=torch.Generator().manual_seed(args.seed))
         self.linears = [p for g in build_param_groups(model) if g["factorize"] for p in g["params"]]
         self.sv0 = [torch.linalg.svdvals(w.detach().double()) for w in self.linears]
         base, self.in_bwd = name.removesuffix(IN_BACKWARD), name.endswith(IN_BACKWARD)
-        make, default_lr = OPTIMIZERS[base]
-        self.lr = getattr(args, f"lr_{base.replace('-', '_')}", None) or default_lr
-        self.opt = make(model, self.lr, args)
+        spec = registry.get(base)
+        self.lr = getattr(args, f"lr_{base.replace('-', '_')}", None) or spec.bench_lr
+        self.opt = spec.build_for_bench(model, self.lr, args)
         if self.in_bwd:
             step_in_backward(model, self.opt)  # loss.backward() steps each weight; opt.step() finds no gradient
         if args.device.startswith("cuda"):
@@ -305,7 +274,7 @@ def _expect(name: str, conn, what: str) -> tuple:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="geomopt-bench", description=__doc__.split("\n")[0])
     p.add_argument("--optimizers", default="adamw,poet",
-                   help=f"comma list of {','.join(OPTIMIZERS)}; NAME{IN_BACKWARD} steps inside backward "
+                   help=f"comma list of {','.join(registry.names())}; NAME{IN_BACKWARD} steps inside backward "
                         "(geomopt.step_in_backward)")
     p.add_argument("--preset", default="small", choices=sorted(PRESETS))
     for key in ("hidden", "layers", "heads", "intermediate", "seq_len", "batch", "steps", "eval_windows"):
@@ -313,8 +282,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=None,
                    help="training token budget: steps = ceil(tokens / (batch x seq_len)), instead of --steps")
     p.add_argument("--eval-every", type=int, default=None, help="validation every N steps (default: steps // 6)")
-    for name in OPTIMIZERS:
-        p.add_argument(f"--lr-{name}", type=float, default=None, help=f"learning rate of {name}")
+    for name, spec in registry.REGISTRY.items():
+        p.add_argument(f"--lr-{name}", type=float, default=None, help=f"learning rate of {name}: {spec.label} "
+                       f"(default {spec.bench_lr:g})")
     p.add_argument("--block-size", type=int, default=None,
                    help="POET block size b (default: the preset's, hidden / 4: tiny 8, small 32, 60m 128)")
     p.add_argument("--merge-every", type=int, default=50, help="POET merge interval in steps")
@@ -354,9 +324,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tokens is not None:
         args.steps = -(-args.tokens // (args.batch * args.seq_len))
     args.optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
-    unknown = [o for o in args.optimizers if o.removesuffix(IN_BACKWARD) not in OPTIMIZERS]
+    unknown = [o for o in args.optimizers if o.removesuffix(IN_BACKWARD) not in registry.REGISTRY]
     if unknown or not args.optimizers:
-        p.error(f"--optimizers: unknown {unknown}; choose from {','.join(OPTIMIZERS)}")
+        p.error(f"--optimizers: unknown {unknown}; choose from {','.join(registry.names())}")
     for key in ("hidden", "layers", "heads", "intermediate", "seq_len", "batch", "steps", "eval_windows"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")

@@ -4,7 +4,7 @@ import io
 
 import pytest
 import torch
-from optim_table import CONFIGS, CYCLE_STAT, FACTOR_KEY, IDS, OPTIMIZERS
+from optim_table import CONFIGS, IDS
 from torch import nn
 
 
@@ -52,8 +52,7 @@ def train(model, opt, data, sched=None):
 
 
 def build(name, model, **over):
-    cls, kw = OPTIMIZERS[name]
-    return cls(model, **{**kw, **over})
+    return CONFIGS[name].build(model, **over)
 
 
 def weights(model):
@@ -72,7 +71,7 @@ def test_routing_embeddings_and_head_on_adamw(name):
     model = Head(make_model())
     opt = build(name, model)
     train(model, opt, batches(2))
-    key = FACTOR_KEY[OPTIMIZERS[name][0]]
+    key = CONFIGS[name].factor_key
     emb, l1, l2, head = model.seq[0].weight, model.seq[1].weight, model.seq[3].weight, model.seq[5].weight
     for p in (l1, l2):
         assert key in opt.state[p]
@@ -93,7 +92,7 @@ def test_state_dict_lockstep_roundtrip(name):
     train(clone, opt2, data[20:])
     for a, b in zip(weights(model), weights(clone)):
         assert torch.equal(a, b)
-    stat = CYCLE_STAT[OPTIMIZERS[name][0]]
+    stat = CONFIGS[name].cycle_stat
     assert opt.stats == opt2.stats and (stat is None or opt.stats[stat] > 0)
 
 
@@ -103,7 +102,7 @@ def test_scheduler_drives_factor_lr(name):
     runs = []
     for scale in (0.5, None):
         model = Head(make_model())
-        lr = OPTIMIZERS[name][1]["lr"]
+        lr = CONFIGS[name].kwargs["lr"]
         if scale is None:
             opt = build(name, model, lr=lr * 0.5)
             sched = None
@@ -146,7 +145,7 @@ def test_add_param_group_closure_zero_grad(name):
     opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
     loss = opt.step(closure)
     assert isinstance(loss, torch.Tensor) and loss.ndim == 0 and calls == ["pre", "post"]
-    key = FACTOR_KEY[OPTIMIZERS[name][0]]
+    key = CONFIGS[name].factor_key
     assert key in opt.state[extra.weight] and not torch.equal(extra.weight, before)
     opt.zero_grad()
     assert all(p.grad is None for g in opt.param_groups for p in g["params"])

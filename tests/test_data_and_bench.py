@@ -8,7 +8,7 @@ import sysconfig
 import pytest
 import torch
 
-from geomopt import bench, data
+from geomopt import bench, data, registry
 from geomopt.optim.routing import build_param_groups
 
 pytest.importorskip("transformers")
@@ -141,5 +141,5 @@ def test_lr_ref_block_is_poets_own_default_unless_given():
     for argv, want in (([], 32), (["--lr-ref-block", "none"], None), (["--lr-ref-block", "16"], 16)):
         args = bench.parse_args(["--preset", "tiny", *argv])
         for name in ("poet", "poet-lean", "poet-fs"):
-            build, lr = bench.OPTIMIZERS[name]
-            assert build(model, lr, args).defaults["lr_ref_block"] == want, (name, argv)
+            spec = registry.get(name)
+            assert spec.build_for_bench(model, spec.bench_lr, args).defaults["lr_ref_block"] == want, (name, argv)

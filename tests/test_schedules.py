@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from geomopt.integrations import OPTIMIZERS, make_optimizer
+from geomopt import registry
+from geomopt.integrations import make_optimizer
 from geomopt.schedules import jagged_cosine, warmup_cosine
 
 
@@ -48,10 +49,10 @@ def test_warmup_offset_is_checked(value):
 
 
 @pytest.mark.filterwarnings("ignore:geomopt")
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", registry.names())
 def test_make_optimizer_schedulers_start_at_lr_over_warmup(name):
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
-    extra = {"poet": ",block_size=4", "relora": ",rank=2", "dlra": ",rank=2"}.get(name, "")
+    extra = "".join(f",{k}={v}" for k, v in registry.get(name).test_kwargs.items() if k != "lr")
     opt, sched = make_optimizer(model, f"{name}:lr=0.5,warmup=4{extra}", total_steps=40)
     firsts = []
     for _ in range(5):

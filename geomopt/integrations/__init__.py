@@ -3,8 +3,10 @@
 ``make_optimizer(model, "poet:lr=3e-3,block_size=32", total_steps=1000)`` builds the (optimizer, scheduler)
 pair from a short spec, ready for ``Trainer(optimizers=...)``:
 
-- ``adamw``: torch.optim.AdamW; ``poet``: geomopt.POET; ``relora``: geomopt.ReLoRAReset; ``dlra``:
-  geomopt.DLRAMomentum. Keys after the colon are the optimizer's keyword arguments (ints, floats, bools,
+- The name is one of ``geomopt.registry``'s, the same names ``geomopt-bench --optimizers`` takes: ``adamw``
+  (torch.optim.AdamW), ``poet``, ``poet-lean`` and ``poet-fs`` (geomopt.POET), ``relora`` (geomopt.ReLoRAReset),
+  ``dlra`` (geomopt.DLRAMomentum with ``method="adam"``) and ``dlra-hb`` (its heavy-ball), and any name
+  registered since. Keys after the colon are the optimizer's keyword arguments (ints, floats, bools,
   None or strings; ``include`` and ``exclude`` always strings, one pattern each), plus ``warmup``
   (scheduler warm-up steps, default 1% of ``total_steps``) and
   ``min_lr_ratio`` (default 0.1).
@@ -25,13 +27,13 @@ from typing import Any
 
 import torch
 
-from ..optim import POET, DLRAMomentum, ReLoRAReset
+from .. import registry
+from ..optim import ReLoRAReset
 from ..schedules import jagged_cosine, warmup_cosine
 
-__all__ = ["OPTIMIZERS", "parse_spec", "make_optimizer"]
+__all__ = ["parse_spec", "make_optimizer"]
 
 _PATTERNS = ("include", "exclude")  # module-name patterns: text even when they read as numbers
-OPTIMIZERS = {"adamw": torch.optim.AdamW, "poet": POET, "relora": ReLoRAReset, "dlra": DLRAMomentum}
 
 
 def _value(text: str) -> Any:
@@ -54,8 +56,10 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
         raise TypeError(f"spec must be a string like 'poet:lr=3e-3', got {type(spec).__name__}")
     name, _, rest = spec.partition(":")
     name = name.strip().lower()
-    if name not in OPTIMIZERS:
-        raise ValueError(f"spec {spec!r}: the optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    try:
+        registry.get(name)
+    except ValueError as err:
+        raise ValueError(f"spec {spec!r}: {err}") from None
     kwargs: dict[str, Any] = {}
     for item in filter(None, (x.strip() for x in rest.split(","))):
         key, eq, value = (x.strip() for x in item.partition("="))
@@ -72,16 +76,17 @@ def make_optimizer(model: torch.nn.Module, spec: str, total_steps: int):
     name, kwargs = parse_spec(spec)
     warmup = kwargs.pop("warmup", max(1, total_steps // 100))
     min_ratio = kwargs.pop("min_lr_ratio", 0.1)
-    cls = OPTIMIZERS[name]
+    entry = registry.get(name)
+    jagged = issubclass(entry.cls, ReLoRAReset)
     restart_warmup = None
-    if cls is ReLoRAReset:
+    if jagged:
         restart_warmup = kwargs.pop("restart_warmup_steps", None)
         kwargs["restart_warmup_steps"] = 0
     try:
-        opt = cls(model.parameters(), **kwargs) if cls is torch.optim.AdamW else cls(model, **kwargs)
+        opt = entry.build(model, **kwargs)
     except TypeError as err:
         raise TypeError(f"spec {spec!r}: {err}") from None
-    if cls is ReLoRAReset:
+    if jagged:
         group = opt.param_groups[0]
         if restart_warmup is None:
             restart_warmup = min(100, group["reset_every"] // 10)

@@ -68,6 +68,11 @@ class FactorOptimizer(Optimizer):
     #: settings added after the class first shipped: a state_dict saved before may lack them (they take their
     #: defaults); lacking any other setting means the state_dict comes from another optimizer
     ADDED_SETTINGS: tuple[str, ...] = ()
+    #: the method's cycles (merge or reset): the group setting that spaces them and the stat that counts them
+    CYCLE_SETTING: str | None = None
+    CYCLE_STAT: str | None = None
+    #: whether a factorized weight stays at the group's ``rank`` (it can reach only targets of that rank)
+    KEEPS_RANK = False
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, inner: type | None = torch.optim.AdamW,
                  inner_kwargs: dict[str, Any] | None = None, seed: int = 0, nonfinite: str = "skip",

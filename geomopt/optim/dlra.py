@@ -76,6 +76,7 @@ class DLRAMomentum(FactorOptimizer):
     """
 
     STATE_MARKER = "U"
+    KEEPS_RANK = True
     STRUCTURAL = ("method",)
     FIXED = ("rank",)
 

@@ -111,6 +111,7 @@ class ReLoRAReset(FactorOptimizer):
     """
 
     STAT_KEYS = ("resets",)
+    CYCLE_SETTING, CYCLE_STAT = "reset_every", "resets"
     STATE_MARKER = "draws"
     STRUCTURAL = ("rank",)
     ADDED_SETTINGS = ("reset_offset",)
