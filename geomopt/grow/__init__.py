@@ -41,33 +41,6 @@ def _arch(model: nn.Module):
                      f"(config.model_type={kind!r})")
 
 
-def _preflight(model: nn.Module, todo: dict[str, Any]) -> None:
-    """Check every requested transform against the sizes it will meet, before anything changes."""
-    cfg = model.config
-    if "mlp_width" in todo:
-        current = cfg.intermediate_size if cfg.model_type == "llama" else (cfg.n_inner or 4 * cfg.n_embd)
-        llama._check_growth("mlp_width", todo["mlp_width"], current)
-    if cfg.model_type == "gpt2":
-        for name in ("hidden", "heads", "head_dim"):
-            if name in todo:
-                getattr(gpt2, name)(model, None, todo[name])  # raises
-        return
-    heads, hidden = cfg.num_attention_heads, cfg.hidden_size
-    if "heads" in todo:
-        llama._check_growth("heads", todo["heads"], heads)
-        llama.check_heads(cfg, todo["heads"])
-        heads = todo["heads"]
-    if "head_dim" in todo:
-        if llama._check_growth("head_dim", todo["head_dim"], cfg.head_dim):
-            llama.check_head_dim(cfg, todo["head_dim"])
-    if "hidden" in todo:
-        llama._check_growth("hidden", todo["hidden"], hidden)
-        hidden = todo["hidden"]
-    if hidden % heads:
-        raise ValueError(f"heads={heads}, hidden={hidden}: LlamaConfig requires hidden_size to be a multiple of the "
-                         "number of attention heads")
-
-
 def expand(model: nn.Module, optimizer: Any = None, *, mlp_width: int | None = None, heads: int | None = None,
            head_dim: int | None = None, hidden: int | None = None, add_layers=None, init: str = "random",
            seed: int = 0) -> Growth:
@@ -81,9 +54,7 @@ def expand(model: nn.Module, optimizer: Any = None, *, mlp_width: int | None = N
     arch = _arch(model)
     todo = {k: v for k, v in dict(mlp_width=mlp_width, heads=heads, head_dim=head_dim, hidden=hidden,
                                   add_layers=add_layers).items() if v is not None}
-    _preflight(model, todo)
-    if "add_layers" in todo:
-        llama._check_positions(todo["add_layers"], model.config.num_hidden_layers)
+    arch.preflight(model, todo)  # every requested transform checked against the sizes it will meet, first
     if optimizer is not None:
         if not hasattr(optimizer, "param_groups"):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")

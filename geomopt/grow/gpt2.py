@@ -2,10 +2,9 @@
 added layers. Hidden growth and head changes raise ValueError saying why."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from .resize import Growth
+from .resize import Growth, check_growth, check_positions, old_positions
 
 KEEP = "keep"
 
@@ -19,13 +18,10 @@ def _blocks(model: nn.Module) -> nn.ModuleList:
 
 def mlp_width(model: nn.Module, growth: Growth, size: int) -> None:
     """c_fc gains output columns (arbitrary, zero bias), c_proj gains zero input rows."""
-    from .llama import _check_growth
-
     cfg = model.config
-    p = cfg.n_inner if cfg.n_inner is not None else 4 * cfg.n_embd
-    if not _check_growth("mlp_width", size, p):
+    m = old_positions("mlp_width", size, cfg.n_inner if cfg.n_inner is not None else 4 * cfg.n_embd)
+    if m is None:
         return
-    m = torch.arange(p)
     for block in _blocks(model):
         fc, proj = block.mlp.c_fc, block.mlp.c_proj
         growth.resize(fc, "weight", (fc.weight.shape[0], size), (None, m), (KEEP, "random"))
@@ -38,15 +34,13 @@ def mlp_width(model: nn.Module, growth: Growth, size: int) -> None:
 
 def add_layers(model: nn.Module, growth: Growth, positions) -> None:
     """Insert blocks whose attention and MLP output projections (weights and biases) are zero."""
-    from .llama import _check_positions
-
     cfg = model.config
     if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
         raise ValueError("add_layers: this GPT-2 scales attention by 1/(layer index + 1), so inserting a layer "
                          "changes the scaling of every later layer; not function-preserving")
     blocks = _blocks(model)
     n = len(blocks)
-    positions = _check_positions(positions, n)
+    positions = check_positions(positions, n)
     for pos in sorted(positions, reverse=True):
         template = blocks[min(pos, n - 1)]
         # the output projections (weights and biases) zero, so the block adds nothing; other biases zero too
@@ -74,3 +68,16 @@ def heads(model: nn.Module, growth: Growth, count: int) -> None:
 def head_dim(model: nn.Module, growth: Growth, size: int) -> None:
     raise ValueError(f"head_dim={size}: GPT-2 ties the head width to n_embd / n_head; grow hidden instead "
                      "(which GPT-2's LayerNorm does not allow exactly)")
+
+
+def preflight(model: nn.Module, todo: dict) -> None:
+    """Check every requested transform (``todo``: name -> argument) before anything changes: the MLP width and
+    the layer positions; hidden, heads and head_dim raise (not function-preserving for GPT-2)."""
+    cfg = model.config
+    if "mlp_width" in todo:
+        check_growth("mlp_width", todo["mlp_width"], cfg.n_inner or 4 * cfg.n_embd)
+    for name, refuse in (("hidden", hidden), ("heads", heads), ("head_dim", head_dim)):
+        if name in todo:
+            refuse(model, None, todo[name])  # raises
+    if "add_layers" in todo:
+        check_positions(todo["add_layers"], len(_blocks(model)))

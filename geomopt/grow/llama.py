@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .resize import Growth
+from .resize import Growth, check_growth, check_positions, old_positions
 
 KEEP = "keep"  # the fill of a dimension that does not grow
 
@@ -41,23 +41,13 @@ def _cols(growth: Growth, lin: nn.Linear, new_in: int, m: torch.Tensor, fill: st
     lin.in_features = new_in
 
 
-def _check_growth(name: str, new: int, old: int) -> bool:
-    """True when there is something to do; ValueError for shrinking or a non-integer."""
-    if isinstance(new, bool) or not isinstance(new, int):
-        raise TypeError(f"{name} must be an int, got {new!r}")
-    if new < old:
-        raise ValueError(f"{name}={new} is smaller than the current {old}: growth never shrinks a model")
-    return new > old
-
-
 def mlp_width(model: nn.Module, growth: Growth, size: int) -> None:
     """SwiGLU width p -> p': new gate/up rows arbitrary, new down-projection columns zero."""
     base, _ = parts(model)
     cfg = model.config
-    p = cfg.intermediate_size
-    if not _check_growth("mlp_width", size, p):
+    m = old_positions("mlp_width", size, cfg.intermediate_size)
+    if m is None:
         return
-    m = torch.arange(p)
     for layer in base.layers:
         mlp = layer.mlp
         _rows(growth, mlp.gate_proj, size, m, "random")
@@ -87,7 +77,7 @@ def heads(model: nn.Module, growth: Growth, count: int) -> None:
     base, _ = parts(model)
     cfg = model.config
     h_old, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    if not _check_growth("heads", count, h_old):
+    if not check_growth("heads", count, h_old):
         return
     check_heads(cfg, count)
     group = h_old // kv
@@ -123,7 +113,7 @@ def head_dim(model: nn.Module, growth: Growth, size: int) -> None:
     base, _ = parts(model)
     cfg = model.config
     d = cfg.head_dim
-    if not _check_growth("head_dim", size, d):
+    if not check_growth("head_dim", size, d):
         return
     check_head_dim(cfg, size)
     rope = dict(cfg.rope_parameters)
@@ -154,9 +144,9 @@ def hidden(model: nn.Module, growth: Growth, size: int) -> None:
     base, head = parts(model)
     cfg = model.config
     h = cfg.hidden_size
-    if not _check_growth("hidden", size, h):
+    m = old_positions("hidden", size, h)
+    if m is None:
         return
-    m = torch.arange(h)
     emb = base.embed_tokens
     tied = head is not None and head.weight is emb.weight
     growth.resize(emb, "weight", (emb.weight.shape[0], size), (None, m), (KEEP, "zero"))
@@ -191,7 +181,7 @@ def add_layers(model: nn.Module, growth: Growth, positions) -> None:
     base, _ = parts(model)
     cfg = model.config
     n = len(base.layers)
-    positions = _check_positions(positions, n)
+    positions = check_positions(positions, n)
     for pos in sorted(positions, reverse=True):
         template = base.layers[min(pos, n - 1)]
         layer = growth.new_layer(template, lambda: type(template)(cfg, layer_idx=pos),
@@ -207,15 +197,24 @@ def add_layers(model: nn.Module, growth: Growth, positions) -> None:
     cfg.num_hidden_layers = len(base.layers)
 
 
-def _check_positions(positions, n: int) -> list[int]:
-    if isinstance(positions, int) and not isinstance(positions, bool):
-        positions = [positions]
-    try:
-        positions = list(positions)
-    except TypeError:
-        raise TypeError(f"add_layers must be a list of layer indices, got {positions!r}") from None
-    for p in positions:
-        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= n:
-            raise ValueError(f"add_layers: each position must be an int in [0, {n}] (the model has {n} layers), "
-                             f"got {p!r}")
-    return positions
+def preflight(model: nn.Module, todo: dict) -> None:
+    """Check every requested transform (``todo``: name -> argument) against the sizes it will meet, in the order
+    ``expand`` applies them, before anything changes."""
+    cfg = model.config
+    if "mlp_width" in todo:
+        check_growth("mlp_width", todo["mlp_width"], cfg.intermediate_size)
+    heads, hidden = cfg.num_attention_heads, cfg.hidden_size
+    if "heads" in todo:
+        check_growth("heads", todo["heads"], heads)
+        check_heads(cfg, todo["heads"])
+        heads = todo["heads"]
+    if "head_dim" in todo and check_growth("head_dim", todo["head_dim"], cfg.head_dim):
+        check_head_dim(cfg, todo["head_dim"])
+    if "hidden" in todo:
+        check_growth("hidden", todo["hidden"], hidden)
+        hidden = todo["hidden"]
+    if hidden % heads:
+        raise ValueError(f"heads={heads}, hidden={hidden}: LlamaConfig requires hidden_size to be a multiple of the "
+                         "number of attention heads")
+    if "add_layers" in todo:
+        check_positions(todo["add_layers"], cfg.num_hidden_layers)

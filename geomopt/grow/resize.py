@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["Resize", "Growth", "scatter", "old_mask"]
+__all__ = ["Resize", "Growth", "scatter", "old_mask", "pad_dim", "pad_like", "check_growth", "old_positions",
+           "check_positions"]
 
 
 @dataclass
@@ -131,3 +132,61 @@ class Growth:
         setattr(module, name, new)
         self.resized.append(Resize(new, p, tuple(old.shape), tuple(maps), tuple(fills), scale))
         return new
+
+
+def pad_like(state: dict, r: Resize) -> None:
+    """Every tensor of ``state`` (nested dicts too) shaped like the old parameter, grown with zeros at the new
+    entries (AdamW's moments, SGD's momentum buffer, ...); scalars stay."""
+    new_shape = tuple(r.param.shape)
+    for key, v in list(state.items()):
+        if isinstance(v, torch.Tensor) and tuple(v.shape) == r.old_shape and v.dim() > 0:
+            state[key] = scatter(v, new_shape, r.maps)
+        elif isinstance(v, dict):
+            pad_like(v, r)
+
+
+def pad_dim(t: torch.Tensor, dim: int, m: torch.Tensor | None, size: int,
+            fresh: torch.Tensor | None = None) -> torch.Tensor:
+    """Grow ``t`` along ``dim`` to ``size``: old slices at ``m`` (None: ``t`` as it is), the rest zero or taken
+    from ``fresh`` (a tensor of the grown shape)."""
+    if m is None:
+        return t
+    maps = [None] * t.dim()
+    maps[dim] = m
+    shape = list(t.shape)
+    shape[dim] = size
+    out = scatter(t, tuple(shape), maps)
+    if fresh is not None:
+        keep = old_mask(tuple(shape), maps, t.device)
+        out = torch.where(keep, out, fresh.to(out.dtype))
+    return out
+
+
+def check_growth(name: str, new: int, old: int) -> bool:
+    """True when there is something to do; TypeError for a non-integer, ValueError for shrinking."""
+    if isinstance(new, bool) or not isinstance(new, int):
+        raise TypeError(f"{name} must be an int, got {new!r}")
+    if new < old:
+        raise ValueError(f"{name}={new} is smaller than the current {old}: growth never shrinks a model")
+    return new > old
+
+
+def old_positions(name: str, new: int, old: int) -> torch.Tensor | None:
+    """Where the ``old`` indices of a dimension growing to ``new`` go (the first ones), or None when it does not
+    grow (``check_growth``'s errors otherwise)."""
+    return torch.arange(old) if check_growth(name, new, old) else None
+
+
+def check_positions(positions, n: int) -> list[int]:
+    """``add_layers``' positions (an int or a list of ints in [0, n]) as a list."""
+    if isinstance(positions, int) and not isinstance(positions, bool):
+        positions = [positions]
+    try:
+        positions = list(positions)
+    except TypeError:
+        raise TypeError(f"add_layers must be a list of layer indices, got {positions!r}") from None
+    for p in positions:
+        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= n:
+            raise ValueError(f"add_layers: each position must be an int in [0, {n}] (the model has {n} layers), "
+                             f"got {p!r}")
+    return positions

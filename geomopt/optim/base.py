@@ -21,6 +21,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch.optim import Optimizer
 
+from ..grow.resize import pad_like
 from . import state as layout
 from .checks import check_grad, check_hyper, check_number, check_param, dense_hyper, finite_flags, lr_value
 from .decisions import DeviceFlags, check_capturable_params, device_flags
@@ -431,6 +432,24 @@ class FactorOptimizer(Optimizer):
     def _rebase(self, p: torch.Tensor, group: dict[str, Any], st: dict[str, Any]) -> None:
         """Rebuild the factors of ``p`` on the weight as it is now (it was changed outside the optimizer)."""
         self._rebuild(p, group, st)
+
+    # ------------------------------------------------------------------ growth (``geomopt.grow``)
+    def prepare_resize(self) -> None:
+        """Called before ``geomopt.grow`` resizes parameters: leave nothing in the state that the weights lack."""
+
+    def resize_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], resize: Any,
+                     growth: Any) -> None:
+        """Make ``state`` fit ``p``, just grown as ``resize`` (``geomopt.grow.resize.Resize``) describes, in place
+        (``growth``: the call's generator and init). AdamW-routed state is zero-padded; factor state is the
+        method's (``_resize_factors``)."""
+        if self._is_factor_state(state):
+            self._resize_factors(p, state, group, resize, growth)
+        else:
+            pad_like(state, resize)
+
+    def _resize_factors(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], resize: Any,
+                        growth: Any) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot carry its factors across a growth")
 
     def _state_layout(self, p: torch.Tensor, group: dict[str, Any], st: dict[str, Any]) -> dict[str, Any]:
         """The declared layout (``geomopt.optim.state``) of factorized ``p``'s state under ``group``."""

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
 
 from ..geometry.lowrank import retract, stabilize, tangent_project, transport
+from ..geometry.qr import tall_qr
+from ..grow.resize import old_mask, pad_dim
 from . import state as layout
 from .base import FactorOptimizer
 from .batching import dense_stack, key_runs
@@ -147,6 +150,33 @@ class DLRAMomentum(FactorOptimizer):
         if method == "adam":
             out["exp_avg_sq"] = torch.zeros(3, dtype=u.dtype, device=u.device)  # one per block: S, U, V parts
         return out
+
+    @torch.no_grad()
+    def _resize_factors(self, p: torch.Tensor, st: dict[str, Any], group: dict[str, Any], resize: Any,
+                        growth: Any) -> None:
+        """The rank stays. U and V gain rows (random where the transform leaves new entries arbitrary, zero where
+        it needs them zero) and are re-orthonormalized, their triangular factors absorbed into S, so the old
+        entries of U S V^T are the old weight (times the transform's scale) and the new ones lie on the rank-r
+        manifold; the weight's new entries are set from the factors. The momentum is zero-padded and carried to
+        the new tangent space."""
+        m, n = p.shape
+        u, s, v = st["U"], st["S"], st["V"]
+        rank, maps = s.shape[0], resize.maps
+        bases = []
+        for basis, dim, size in ((u, 0, m), (v, 1, n)):
+            fresh = None
+            if maps[dim] is not None and resize.fills[dim] != "zero" and growth.init == "random":
+                fresh = torch.randn(size, rank, generator=growth.gen, dtype=torch.float64).to(basis) / math.sqrt(size)
+            padded = pad_dim(basis, 0, maps[dim], size, fresh)
+            bases.append((padded, *tall_qr(padded)))
+        (u_pad, u_new, ru), (v_pad, v_new, rv) = bases
+        keep = old_mask(tuple(p.shape), maps, p.device)
+        p.copy_(torch.where(keep, p, (u_pad @ (s * resize.scale) @ v_pad.T).to(p.dtype)))
+        xs, xu, xv = st["exp_avg"]
+        u0, v0 = pad_dim(u, 0, maps[0], m), pad_dim(v, 0, maps[1], n)
+        moved = (xs, pad_dim(xu, 0, maps[0], m), pad_dim(xv, 0, maps[1], n))
+        st["exp_avg"] = list(transport(u0, v0, u_new, v_new, moved))
+        st["U"], st["S"], st["V"] = u_new, ru @ (s * resize.scale) @ rv.T, v_new
 
     def _rebuild(self, p: torch.Tensor, group: dict[str, Any], st: dict[str, Any]) -> None:
         """A new ``method``: the momentum of the other method means something else, so it restarts at zero."""

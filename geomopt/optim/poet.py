@@ -480,6 +480,13 @@ class POETOptimizer(FactorOptimizer):
             new["w0"] = w_new if shard is None else like(w_new, shard)
         return new
 
+    def prepare_resize(self) -> None:
+        self.merge()  # W0 <- W, Q <- 0, inner state reset: the factors hold nothing the weight lacks
+
+    def _resize_factors(self, p: torch.Tensor, st: dict[str, Any], group: dict[str, Any], resize: Any,
+                        growth: Any) -> None:
+        self._build_factors(p, st, group)  # merged already: counters and the generator state carry over
+
     @torch.no_grad()
     def merge(self) -> None:
         """Merge every factorized weight now (e.g. before saving a model for inference elsewhere;

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..grow.resize import pad_dim, pad_like
 from . import state as layout
 from .base import FactorOptimizer
 from .batching import dense_stack, key_runs
@@ -163,6 +164,22 @@ class ReLoRAReset(FactorOptimizer):
         n = p.shape[1]
         a = (torch.rand(rank, n, generator=self._next_generator(state), dtype=torch.float64) * 2 - 1) / math.sqrt(n)
         return a.to(dtype=factor_dtype(p), device=p.device)
+
+    def _resize_factors(self, p: torch.Tensor, st: dict[str, Any], group: dict[str, Any], resize: Any,
+                        growth: Any) -> None:
+        """A gains columns for new input dims (drawn like a fresh A, from its seed), B zero rows for new output
+        dims; their inner state (and the warm start's) is padded with zeros."""
+        m, n = p.shape
+        if "A" in st:
+            a, b = st["A"], st["B"]
+            st["A"] = pad_dim(a, 1, resize.maps[1], n, self._draw_a(p, st, a.shape[0]))
+            st["B"] = pad_dim(b, 0, resize.maps[0], m)
+            for key, dim, size in (("inner_A", 1, n), ("inner_B", 0, m)):
+                for k, v in list(st[key].items()):
+                    if isinstance(v, torch.Tensor) and v.dim() == 2:
+                        st[key][k] = pad_dim(v, dim, resize.maps[dim], size)
+        if "inner_full" in st:
+            pad_like(st["inner_full"], resize)
 
     def _init_factor_state(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
         state = self.state[p]
