@@ -7,29 +7,13 @@ from typing import Any
 
 import torch
 
-# the tensors that hold what an optimizer trains in place of a factorized weight
-_FACTOR_KEYS = ("q_row", "q_col", "A", "B", "U", "S", "V")
-
-
-def _numel(v: Any) -> int:
-    if isinstance(v, torch.Tensor):
-        return v.numel()
-    if isinstance(v, (list, tuple)):
-        return sum(_numel(x) for x in v)
-    return 0
-
 
 def trainable_count(opt: torch.optim.Optimizer) -> int:
     """Scalars the optimizer trains: every AdamW-routed tensor in full, and for a factorized weight the
     factors that stand in for it (POET's skew blocks, ReLoRA's A and B, DLRA's U, S and V; a weight in
     ReLoRA's full-rank warm start counts in full)."""
-    total = 0
-    for group in opt.param_groups:
-        for p in group["params"]:
-            st = opt.state.get(p, {})
-            keys = [k for k in _FACTOR_KEYS if k in st]
-            total += sum(_numel(st[k]) for k in keys) if keys and "inner_full" not in st else p.numel()
-    return total
+    count = getattr(opt, "trained_numel", lambda p: p.numel())  # what the optimizer says (torch's: every scalar)
+    return sum(count(p) for group in opt.param_groups for p in group["params"])
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:

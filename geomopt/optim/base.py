@@ -74,6 +74,8 @@ class FactorOptimizer(Optimizer):
     CYCLE_STAT: str | None = None
     #: whether a factorized weight stays at the group's ``rank`` (it can reach only targets of that rank)
     KEEPS_RANK = False
+    #: the state entries a factorized weight trains in its place (tensors or lists of them)
+    TRAINED_KEYS: tuple[str, ...] = ()
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, inner: type | None = torch.optim.AdamW,
                  inner_kwargs: dict[str, Any] | None = None, seed: int = 0, nonfinite: str = "skip",
@@ -480,6 +482,15 @@ class FactorOptimizer(Optimizer):
                 st.setdefault("built_with", self._settings(merged))
             self.state[p] = st
         self._init_runtime()  # the loaded state is the base of the weights as they are (or will be) loaded
+
+    def trained_numel(self, p: torch.Tensor) -> int:
+        """Scalars trained for ``p``: its own for an AdamW-routed tensor (or one without state), its factors'
+        (``TRAINED_KEYS``) for a factorized weight."""
+        st = self.state.get(p, {})
+        if not self._is_factor_state(st) or not any(k in st for k in self.TRAINED_KEYS):
+            return p.numel()
+        return sum(t.numel() for k in self.TRAINED_KEYS if k in st
+                   for t in (st[k] if isinstance(st[k], (list, tuple)) else [st[k]]))
 
     @property
     def stats(self) -> dict[str, int]:

@@ -80,6 +80,7 @@ class DLRAMomentum(FactorOptimizer):
 
     STATE_MARKER = "U"
     KEEPS_RANK = True
+    TRAINED_KEYS = ("U", "S", "V")
     STRUCTURAL = ("method",)
     FIXED = ("rank",)
 

@@ -147,6 +147,7 @@ class POETOptimizer(FactorOptimizer):
     CAPTURABLE = True
     STAT_KEYS = ("merges", "early_merges")
     CYCLE_SETTING, CYCLE_STAT = "merge_every", "merges"
+    TRAINED_KEYS = ("q_row", "q_col")
     STATE_MARKER = "perm_row"
     STRUCTURAL = ("block_size", "mode", "store_base", "row_shards", "neumann_terms", "neumann_form", "exact_cayley")
     ADDED_SETTINGS = ("row_shards", "lr_ref_block", "neumann_form", "exact_merge", "compensate")

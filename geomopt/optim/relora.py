@@ -113,6 +113,7 @@ class ReLoRAReset(FactorOptimizer):
 
     STAT_KEYS = ("resets",)
     CYCLE_SETTING, CYCLE_STAT = "reset_every", "resets"
+    TRAINED_KEYS = ("A", "B")
     STATE_MARKER = "draws"
     STRUCTURAL = ("rank",)
     ADDED_SETTINGS = ("reset_offset",)
@@ -164,6 +165,9 @@ class ReLoRAReset(FactorOptimizer):
         n = p.shape[1]
         a = (torch.rand(rank, n, generator=self._next_generator(state), dtype=torch.float64) * 2 - 1) / math.sqrt(n)
         return a.to(dtype=factor_dtype(p), device=p.device)
+
+    def trained_numel(self, p: torch.Tensor) -> int:
+        return p.numel() if "inner_full" in self.state.get(p, {}) else super().trained_numel(p)  # warm start
 
     def _resize_factors(self, p: torch.Tensor, st: dict[str, Any], group: dict[str, Any], resize: Any,
                         growth: Any) -> None:
