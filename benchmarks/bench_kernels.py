@@ -16,13 +16,13 @@ import functools
 import json
 import os
 import sys
-import time
 
 import torch
 
 from geomopt.geometry import block_layout, cayley_neumann, skew_size
 from geomopt.geometry import blocks as ref_blocks
 from geomopt.geometry.qr import tall_qr
+from geomopt.timing import timed
 
 # (memory bandwidth B/s, {dtype: dense compute FLOP/s}) from the vendors' data sheets, by name substring
 PEAKS = {
@@ -42,22 +42,6 @@ def peaks(device: torch.device) -> tuple[str, float | None, dict]:
         if key in name:
             return name, bw, flops
     return name, None, {}
-
-
-def timeit(fn, device: torch.device, reps: int) -> float:
-    """Median seconds per call after a warm-up."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def rel(a, b) -> float:
@@ -126,12 +110,12 @@ def run(args) -> list[dict]:
         for case, shape, kern, ref, nbytes, nflops in cases(args, device, dtype):
             want = ref()
             err = rel(kern(), want)
-            t_k = timeit(kern, device, args.reps)
-            t_e = timeit(ref, device, args.reps)
+            t_k = timed(kern, device, args.reps).median
+            t_e = timed(ref, device, args.reps).median
             t_c = None
             if args.compile:
                 compiled = torch.compile(ref.func)
-                t_c = timeit(functools.partial(compiled, *ref.args), device, args.reps)
+                t_c = timed(functools.partial(compiled, *ref.args), device, args.reps).median
             bound = None
             if bw and peak:
                 bound = max(nbytes / bw, nflops / peak) / t_k

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
 from geomopt import POET
+from geomopt.timing import timed
 
 DEFAULT_SIZES = "256x256x16,512x512x16,512x512x32,1024x1024x32,1024x1024x64,2048x1024x64,2048x2048x64"
 
@@ -45,18 +45,8 @@ def step_seconds(m: int, n: int, b: int, reps: int, store_base: bool, device: st
     opt = POET([("w", w)], lr=1e-4, block_size=b, merge_every=10**9,
                store_base=store_base, max_q_norm=None)
     g = (torch.randn(m, n, generator=gen) * 1e-3).to(device)
-    times = []
-    for i in range(reps + 2):
-        w.grad = g.clone()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        opt.step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if i >= 2:  # two warm-up steps: state creation, allocator
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    # two warm-up steps: state creation, allocator
+    return timed(opt.step, device, reps, warmup=2, before=lambda: setattr(w, "grad", g.clone())).median
 
 
 def lstsq(columns: list[list[float]], ts: list[float]) -> tuple[list[float], float]:

@@ -5,12 +5,12 @@
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from geomopt import bench, registry
 from geomopt.data import load_corpus, sample_batch
+from geomopt.timing import Clock
 
 
 def main() -> None:
@@ -45,12 +45,10 @@ def main() -> None:
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(a.steps):
             grads()
-            t0 = time.perf_counter()
+            clock = Clock(a.device).start()
             with torch.profiler.record_function("optimizer.step"):
                 opt.step()
-                if a.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-            total += time.perf_counter() - t0
+                total += clock.lap()
             opt.zero_grad(set_to_none=True)
     print(f"{a.optimizer} on {a.preset} ({a.device}): {1000 * total / a.steps:.1f} ms per step (profiled)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows))

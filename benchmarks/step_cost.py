@@ -35,7 +35,6 @@ import json
 import math
 import os
 import platform
-import time
 from collections import Counter
 from typing import Any, Callable
 
@@ -45,6 +44,7 @@ from torch.utils._pytree import tree_flatten
 
 from geomopt import bench, registry
 from geomopt.data import load_corpus, sample_batch
+from geomopt.timing import Clock
 
 _A = torch.ops.aten
 SYNC_OPS = {_A._local_scalar_dense.default, _A.nonzero.default, _A.equal.default, _A.is_nonzero.default,
@@ -140,11 +140,6 @@ def _grads(model: torch.nn.Module, train: torch.Tensor, args: argparse.Namespace
     bench.next_token_loss(model, sample_batch(train, args.batch, args.seq_len, gen).to(args.device)).backward()
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def measure(name: str, args: argparse.Namespace, train: torch.Tensor, cycle: int) -> dict[str, Any]:
     """The plain step and the cycle's last step of one optimizer: {kind: {ops, bytes, syncs, wall_ms}}. Two cycles:
     the first one's are metered, the second one's timed (the optimizer warm both times: its state and caches
@@ -166,11 +161,9 @@ def measure(name: str, args: argparse.Namespace, train: torch.Tensor, cycle: int
             out[kind] = dict(ops=meter.ops, bytes=meter.bytes, syncs=meter.syncs,
                              top_ops=meter.by_op.most_common(8), top_bytes=meter.bytes_by_op.most_common(8))
         else:
-            _sync(args.device)
-            t0 = time.perf_counter()
+            clock = Clock(args.device).start()
             opt.step()
-            _sync(args.device)
-            out[kind]["wall_ms"] = 1000 * (time.perf_counter() - t0)
+            out[kind]["wall_ms"] = 1000 * clock.lap()
     return out
 
 

@@ -31,6 +31,7 @@ from .init import normalized_gaussian_
 from .optim import POET
 from .optim.routing import build_param_groups
 from .schedules import warmup_cosine
+from .timing import Clock
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden=32, layers=2, heads=2, intermediate=64, seq_len=32, batch=4, steps=12, eval_windows=4,
@@ -121,18 +122,16 @@ class Run:
         for _ in range(min(steps, args.steps - self.step)):
             self.step += 1
             batch = corpus.sample_batch(self.train_tokens, args.batch, args.seq_len, self.gen).to(args.device)
-            t0 = time.perf_counter()
+            clock = Clock(args.device).start()
             loss = next_token_loss(model, batch)
             loss.backward()
-            _sync(args.device)  # the step's time must not include the tail of the backward's GPU work
-            t1 = time.perf_counter()
+            backward = clock.lap()  # synced: the step's time does not include the tail of the backward's GPU work
             opt.step()
             opt.zero_grad(set_to_none=True)
             self.sched.step()
-            _sync(args.device)
-            t2 = time.perf_counter()
-            self.step_time += t2 - t1
-            self.train_time += t2 - t0
+            step = clock.lap()
+            self.step_time += step
+            self.train_time += backward + step
             self.peak_state = max(self.peak_state, state_bytes(opt))  # factors' inner state is dropped at merges
             tokens = self.step * args.batch * args.seq_len
             for at, kwargs in args.grow:
@@ -170,11 +169,6 @@ def train_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     run_ = Run(name, args)
     run_.advance(args.steps)
     return run_.finish()
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _progress(total: int, name: str, quiet: bool):
