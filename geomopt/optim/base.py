@@ -16,44 +16,30 @@ per-parameter seeds, torch's flags, and a ``load_state_dict`` that checks each s
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import torch
 from torch.optim import Optimizer
 
 from ..grow.resize import pad_like
 from . import state as layout
-from .checks import check_grad, check_hyper, check_number, check_param, dense_hyper, finite_flags, lr_value
-from .decisions import DeviceFlags, check_capturable_params, device_flags
+from .checks import check_hyper, check_number, check_param, dense_hyper
 from .edits import Fingerprints
 from .functional import adam_state, choose_impl, fused_supported, prepared_adam
 from .guard import HeldInterrupt, Retry, plain_mode
 from .inner import inner_rule
 from .loading import checked_groups
-from .route_table import RoutingTable, check_routes_kept, route_log, routing_table
+from .route_table import RoutingTable, route_log, routing_table
 from .routing import build_param_groups, is_factorized, warn_if_nothing_routed
-from .sharded import gather, global_all, is_dtensor, local_state, scatter, to_local
+from .sharded import gather, is_dtensor, local_state, scatter, to_local
+from .step_plan import GroupPlan, StepPlanning
 
 __all__ = ["FactorOptimizer", "GroupPlan", "NONFINITE_POLICIES", "EDIT_POLICIES"]
 
 NONFINITE_POLICIES = ("skip", "raise")
 EDIT_POLICIES = ("rebase", "raise")
 
-class GroupPlan(NamedTuple):
-    """What a step does to one param group, decided before anything changes."""
-    group: dict[str, Any]
-    first: int  # index of the group's first parameter among all (per-parameter seeds)
-    params: list[torch.Tensor]  # stepped: with a finite gradient, not done by an interrupted step
-    lr: float
-    init_only: bool  # lr = 0 and zero gradients: state is made, nothing else changes
-    switch: list[torch.Tensor]  # state of the other route (``factorize`` changed): dropped
-    rebuild: list[torch.Tensor]  # group settings changed since the factors were built
-    rebase: list[torch.Tensor]  # weight changed outside the optimizer
-    skipped: int  # non-finite gradients skipped
-    device: DeviceFlags | None = None  # capturable groups: the decisions on the device (the step applies them)
-
-
-class FactorOptimizer(Optimizer):
+class FactorOptimizer(StepPlanning, Optimizer):
     """Base class. A subclass declares ``STATE_MARKER`` (a key only its factor state has), ``STRUCTURAL`` (group
     keys whose change rebuilds a weight's factors) and ``FIXED`` (keys that cannot change once a weight has
     state), and implements ``_init_factor_state``, ``_factor_step``, ``_state_layout``, ``_rebuild``,
@@ -204,96 +190,6 @@ class FactorOptimizer(Optimizer):
             if first is not None:  # a step skipped on the device, counted there once (a 0-d tensor ``stats`` reads)
                 first.group["nonfinite_skips"] = (~first.device.ok).long() + first.group.get("nonfinite_skips", 0)
         return loss
-
-    def _plan(self) -> list[GroupPlan]:
-        """Every check of the step, nothing changed: host checks first, then one read of device values (the
-        gradients' non-finite flags and the fingerprints of the weights a method rewrites), then the decisions."""
-        name = type(self).__name__
-        staged, first = [], 0
-        routes = getattr(self, "_routes", None) or []
-        for gi, group in enumerate(self.param_groups):
-            check_hyper(group, self.CAPTURABLE)
-            factorized = [p for p in group["params"] if is_factorized(p, group)]
-            check_routes_kept(name, gi, group, factorized, routes[gi] if gi < len(routes) else [])
-            self._check_group(group, factorized)
-            params = [p for p in group["params"] if p.grad is not None and not self._retry.done(p)]
-            for p in params:
-                check_grad(name, p)
-            if group["capturable"]:
-                check_capturable_params(group, params)
-            lr = lr_value(group["lr"])
-            init_only = not group["capturable"] and lr == 0 and all(
-                global_all([~to_local(p.grad).any() for p in params], params))
-            staged.append((group, first, params, lr, init_only, *self._settings_plan(group, params)))
-            first += len(group["params"])
-        flat = [p for s in staged if not s[0]["capturable"] for p in s[2]]
-        watched = [p for s in staged if not s[4] and not s[0]["capturable"] for p in s[7]]
-        finite, same = self._read_flags(flat, watched)
-        if self.nonfinite == "raise" and not all(finite):
-            bad = [p for p, ok in zip(flat, finite) if not ok]
-            raise FloatingPointError(f"non-finite gradient in {len(bad)} parameter(s) (first of shape "
-                                     f"{tuple(bad[0].shape)}); nothing was updated")
-        ok = {id(p) for p, fine in zip(flat, finite) if fine} | {
-            id(p) for s in staged if s[0]["capturable"] for p in s[2]}  # decided on the device
-        edited = {id(p) for p, kept in zip(watched, same) if not kept and id(p) in ok}
-        if edited and self.external_edits == "raise":
-            p = next(p for p in watched if id(p) in edited)
-            raise RuntimeError(f"a weight of shape {tuple(p.shape)} ({len(edited)} in all) was changed outside "
-                               f"{name} since its last step; nothing was updated (pass external_edits='rebase' to "
-                               "rebuild its factors on the weight as it is)")
-        device = device_flags(self._edits, [p for s in staged if s[0]["capturable"] for p in s[2]],
-                              [p for s in staged if s[0]["capturable"] for p in s[7]])  # one set for all of them
-        plans = []
-        for group, first, params, lr, init_only, switch, rebuild, _ in staged:
-            kept = [p for p in params if id(p) in ok]
-            rebase = [p for p in kept if id(p) in edited]
-            plans.append(GroupPlan(group, first, kept, lr, init_only, [p for p in switch if id(p) in ok],
-                                   [p for p in rebuild if id(p) in ok and id(p) not in edited], rebase,
-                                   len(params) - len(kept), device if group["capturable"] and params else None))
-        return plans
-
-    def _read_flags(self, flat: list[torch.Tensor], watched: list[torch.Tensor]) -> tuple[list[bool], list[bool]]:
-        """(whether each gradient of ``flat`` is finite, whether each ``watched`` weight is as the optimizer
-        wrote it): computed on the device and read in one host sync (one all-reduce under FSDP2)."""
-        fine = finite_flags([to_local(p.grad) for p in flat])
-        known, same = self._edits.same_flags(watched)
-        if not flat and not known:
-            return [], [True] * len(watched)
-        parts = [t for t in (fine, same) if t.numel()]
-        device = parts[0].device
-        read = global_all(torch.cat([t.to(device) for t in parts]), flat + [watched[i] for i in known])
-        out = [True] * len(watched)
-        for i, kept in zip(known, read[len(flat):]):
-            out[i] = kept
-        return read[: len(flat)], out
-
-    def _settings_plan(self, group: dict[str, Any], params: list[torch.Tensor]):
-        """(switch, rebuild, watched) of a group's stepped parameters, from host values only: state of the other
-        route, settings changed since the factors were built (raises for one that cannot change), and the
-        weights whose fingerprints the step must check (the method rewrites them from its factors)."""
-        switch, rebuild, watched = [], [], []
-        now = self._settings(group)
-        for p in params:
-            st = self.state.get(p)
-            if not st:
-                continue
-            fact = is_factorized(p, group)
-            if fact != self._is_factor_state(st):
-                switch.append(p)
-            elif fact:
-                built = st.get("built_with", now)
-                changed = [k for k in now if built.get(k) != now[k]  # a state built before a setting existed
-                           and (k in built or k not in self.ADDED_SETTINGS)]  # keeps its factors
-                fixed = [k for k in changed if k in self.FIXED]
-                if fixed:
-                    k = fixed[0]
-                    raise ValueError(f"{k}={now[k]!r}: {type(self).__name__} cannot change {k!r} (was "
-                                     f"{built.get(k)!r}) once a weight has state; build a new optimizer")
-                if changed:
-                    rebuild.append(p)
-                if self._overwrites(group):
-                    watched.append(p)
-        return switch, rebuild, watched
 
     def _apply_group(self, gp: GroupPlan) -> None:
         group, params = gp.group, gp.params
