@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import geomopt
-from geomopt.optim.poet_step import split_rounding
+from geomopt.optim.rounding import split_rounding
 
 
 def start(g, n=64):

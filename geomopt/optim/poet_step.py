@@ -26,11 +26,12 @@ from ..geometry.cayley import newton_schulz_inverse, newton_schulz_iterations
 from ..geometry.dispatch import call, can
 from .batching import ByKey, dense_stack
 from .poet_settings import RotationMap, rotation_map
+from .rounding import split_rounding, write_compensated
 from .sharded import all_reduce, like, reduce_over_meshes, shard_state, to_local
 
 __all__ = ["Work", "Group", "group_key", "make_groups", "rotation", "rotation_and_bound", "rotations",
            "per_size", "delta", "apply_blocks", "block_grads", "rewrite", "generator_grads", "safeguard", "new_factors",
-           "group_mats", "exact_for_flagged", "split_rounding", "inverse_iterations", "entry_owners", "weight_bounds",
+           "group_mats", "exact_for_flagged", "inverse_iterations", "entry_owners", "weight_bounds",
            "host_rotations"]
 
 
@@ -230,26 +231,9 @@ def rewrite(gr: Group, rows: list[torch.Tensor], cols: list[torch.Tensor], store
     kept = [(new if lead == 1 else new.clone()) if k else None for new, k in zip(news, keep)]
     if comps is not None:
         low, dropped = split_rounding(x, targets[0].dtype)
-        return functools.partial(_write_compensated, targets, list(low.unbind(0)), comps,
+        return functools.partial(write_compensated, targets, list(low.unbind(0)), comps,
                                  list(dropped.unbind(0))), kept, x
     return functools.partial(torch._foreach_copy_, targets, news), kept, x
-
-
-def split_rounding(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``x`` rounded to ``dtype``, what that rounding dropped, in bf16 rounded towards zero). Towards zero, the
-    kept part is never larger than half a unit of the rounded value, so rounding their sum again gives the rounded
-    value back: a step that does not move the weight (lr 0) leaves it as it is."""
-    low = x.to(dtype)
-    dropped = x - low.to(x.dtype)
-    if dropped.dtype != torch.float32:
-        dropped = dropped.float()
-    dropped.view(torch.int32).bitwise_and_(-65536)  # bf16 is fp32's upper half: truncation rounds towards zero
-    return low, dropped.to(torch.bfloat16)
-
-
-def _write_compensated(targets: list, low: list, comps: list, dropped: list) -> None:
-    torch._foreach_copy_(targets, low)
-    torch._foreach_copy_(comps, dropped)
 
 
 def _rewrite_in_place(w: Work, mats: list[torch.Tensor], store_base: bool, keep: bool):
