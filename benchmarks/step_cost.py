@@ -52,11 +52,6 @@ SYNC_OPS = {_A._local_scalar_dense.default, _A.nonzero.default, _A.equal.default
 ALLOCATIONS = {_A.empty, _A.empty_like, _A.new_empty, _A.empty_strided}  # write nothing: no traffic
 ALIASES = {_A._unsafe_view, _A.alias, _A.lift_fresh}  # views that are not marked as views: no traffic
 
-ADAMW = {  # torch's AdamW, the baselines: fused is the strongest a user has
-    "adamw-fused": dict(fused=True),
-    "adamw-foreach": dict(foreach=True),
-    "adamw-loop": dict(foreach=False),
-}
 DEFAULT = ("adamw-fused,adamw-foreach,adamw-loop,poet,poet+fused,poet-lean,poet-lean+fused,poet-lean+fused+capturable,"
            "relora,relora+fused,dlra")
 
@@ -118,11 +113,8 @@ def _make(name: str, args: argparse.Namespace) -> Callable[[torch.nn.Module], to
     for flag in flags:
         if flag not in ("foreach", "fused", "capturable"):
             raise SystemExit(f"--optimizers: unknown suffix {flag!r} in {name!r} (+foreach, +fused or +capturable)")
-    if base in ADAMW:
-        return lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01, **ADAMW[base])
     if base not in registry.REGISTRY:
-        known = sorted(ADAMW) + sorted(registry.REGISTRY)
-        raise SystemExit(f"--optimizers: unknown optimizer {base!r} (choose from {known})")
+        raise SystemExit(f"--optimizers: unknown optimizer {base!r} (choose from {registry.names()})")
     spec = registry.get(base)
 
     def build(m: torch.nn.Module) -> torch.optim.Optimizer:

@@ -102,6 +102,9 @@ for _spec in (
     # the baseline: torch's fused AdamW where the device has the kernel (the strongest AdamW a user has)
     OptimizerSpec("adamw", torch.optim.AdamW, dict(weight_decay=0.01), "torch AdamW (fused where supported)",
                   bench_args=lambda a, m: dict(fused=fused_supported(list(m.parameters())))),
+    OptimizerSpec("adamw-fused", torch.optim.AdamW, dict(weight_decay=0.01, fused=True), "torch AdamW, fused"),
+    OptimizerSpec("adamw-foreach", torch.optim.AdamW, dict(weight_decay=0.01, foreach=True),
+                  "torch AdamW, multi-tensor"),
     OptimizerSpec("adamw-loop", torch.optim.AdamW, dict(weight_decay=0.01, foreach=False),
                   "torch AdamW, one tensor at a time"),
     OptimizerSpec("poet", POET, {}, "POET, paper mode (W0 kept)", 3e-3, lambda a, m: _poet_args(a),
