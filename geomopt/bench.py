@@ -265,7 +265,8 @@ def _expect(name: str, conn, what: str) -> tuple:
     return (payload, extra)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
+    """``geomopt-bench``'s flags (the optimizer names and their lrs from ``geomopt.registry``)."""
     p = argparse.ArgumentParser(prog="geomopt-bench", description=__doc__.split("\n")[0])
     p.add_argument("--optimizers", default="adamw,poet",
                    help=f"comma list of {','.join(registry.names())}; NAME{IN_BACKWARD} steps inside backward "
@@ -306,6 +307,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grow", action="append", default=[], metavar="STEP:SPEC",
                    help="grow the model after STEP with geomopt.grow.expand, e.g. 100:mlp_width=512,hidden=192 or "
                         "200:add_layers=1+3 (repeatable)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, with the preset's values where none was given, checked (``SystemExit`` with the reason)."""
+    p = _parser()
     args = p.parse_args(argv)
     if args.tokens is not None:
         if args.steps is not None:
