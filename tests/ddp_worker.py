@@ -19,6 +19,8 @@ MAKERS = {
     "poet-rows2": lambda m: geomopt.POET(m, lr=1e-2, block_size=8, merge_every=3, row_shards=2),
     # the multi-tensor path: the weights of one shape stepped together
     "poet-grouped": lambda m: geomopt.POET(m, lr=1e-2, block_size=8, merge_every=3, foreach=True),
+    # lean mode on bf16 weights, with its rounding buffer (the FSDP2 test builds the model in bf16)
+    "poet-lean-bf16": lambda m: geomopt.POET(m, lr=1e-2, block_size=8, merge_every=3, store_base=False),
     "relora": lambda m: geomopt.ReLoRAReset(m, lr=1e-2, rank=4, alpha=8, reset_every=3),
     "dlra": lambda m: geomopt.DLRAMomentum(m, lr=3e-3, rank=4, method="adam"),
 }

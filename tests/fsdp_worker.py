@@ -26,7 +26,7 @@ from geomopt.data import load_corpus, sample_batch  # noqa: E402
 
 
 def build(name, mesh):
-    model = llama()
+    model = llama().to(torch.bfloat16 if name.endswith("-bf16") else torch.float64)
     model.train()
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
@@ -75,7 +75,7 @@ def main(rank: int, world: int, name: str, out: str, init_file: str, ckpt: str) 
     local_state = {}  # the routed weights' row-sharded state: (key, local shape), e.g. ReLoRA's B, POET's w0
     for p in model.parameters():
         st = opt.state.get(p, {})
-        for key in ("B", "w0", "U", "perm_row"):
+        for key in ("B", "w0", "U", "perm_row", "comp"):
             if isinstance(st.get(key), DTensor):
                 local_state.setdefault(key, []).append((tuple(st[key].shape), tuple(st[key].to_local().shape)))
     gathered = list(GATHERED)

@@ -30,7 +30,7 @@ from .poet_step import (
     new_factors,
     rewrite,
 )
-from .sharded import like, local_state, to_local
+from .sharded import local_state, to_local
 from .state import factor_dtype
 
 __all__ = ["POETOptimizer", "POET"]
@@ -187,7 +187,8 @@ class POETOptimizer(POETState, FactorOptimizer):
     def _rebase(self, p: torch.Tensor, group: dict[str, Any], st: dict[str, Any]) -> None:
         if group["store_base"]:
             return self._rebuild(p, group, st)
-        st.pop("comp", None)  # lean mode: the edited weight is the weight; the factors stay
+        if "comp" in st:  # lean mode: the edited weight is the weight; the factors stay, the buffer is stale
+            st["comp"] = self._zero_comp(p, group)
 
     # ------------------------------------------------------------------ arguments
     def _check_group(self, group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
@@ -226,9 +227,8 @@ class POETOptimizer(POETState, FactorOptimizer):
         shard, rows, cols = self._blocks(p, st, group)
         if not compensates(group, p):
             st.pop("comp", None)
-        elif "comp" not in st:  # zero: nothing dropped yet (new factors, an older state_dict, an edit)
-            comp = torch.zeros_like(to_local(p), dtype=torch.bfloat16)
-            st["comp"] = comp if shard is None else like(comp, shard)
+        elif "comp" not in st:  # an older state_dict, or compensate turned on: nothing dropped yet
+            st["comp"] = self._zero_comp(p, group)
         return Work(p, g, st, shard, rows, cols, [to_local(q) for q in st["q_row"]] + st["q_col"],
                     [local_state(s) for s in st["inner_row"]], factor_dtype(p))
 

@@ -109,11 +109,19 @@ class POETState:
         state.update(self._perms(p, state, group))
         state.update(self._fresh_factors(p, group), q_bound=0.0)
         state.pop("w0", None)
-        state.pop("comp", None)  # lean mode's rounding compensation starts again from zero (``_work``)
+        state.pop("comp", None)
         if group["store_base"]:
             w0 = to_local(p).detach().to(factor_dtype(p), copy=True)
             shard = row_shard(p) if self._steps_shard(p, group) else None
             state["w0"] = w0 if shard is None else like(w0, shard)
+        elif compensates(group, p):  # made with the state, so that a template of it (DCP's) has the entry
+            state["comp"] = self._zero_comp(p, group)
+
+    def _zero_comp(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """Lean mode's rounding buffer with nothing dropped yet: bf16 zeros of the rows this rank steps."""
+        comp = torch.zeros_like(to_local(p), dtype=torch.bfloat16)
+        shard = row_shard(p) if self._steps_shard(p, group) else None
+        return comp if shard is None else like(comp, shard)
 
     def _rebuild(self, p: torch.Tensor, group: dict[str, Any], st: dict[str, Any]) -> None:
         """New settings (block size, mode, ...) or a weight changed from outside: factors built anew on W."""
