@@ -130,10 +130,10 @@ def _skew_poly(Q: torch.Tensor, b: int, terms: int, need_y2: bool = False) -> tu
         a = torch.add(eye_y, Q, alpha=2.0)
         t = None if terms == 1 else eye_y if terms == 3 else eye_y + y2
         return (a if t is None else a @ t), (Q, y, a, t), y2
-    e, o = _even_odd(terms)  # E, O of degree 1 (k = 2) or 2 (k = 4)
-    poly_e, poly_o = e[0] * eye + e[1] * y, o[0] * eye + o[1] * y
+    e, o = _even_odd(terms)  # E, O of degree 1 (k = 2) or 2 (k = 4); coefficients 1 or 2, so alpha is exact
+    poly_e, poly_o = torch.add(e[0] * eye, y, alpha=e[1]), torch.add(o[0] * eye, y, alpha=o[1])
     if terms == 4:
-        poly_e, poly_o = poly_e + e[2] * y2, poly_o + o[2] * y2
+        poly_e, poly_o = poly_e.add_(y2, alpha=e[2]), poly_o.add_(y2, alpha=o[2])
     return torch.baddbmm(poly_e, Q, poly_o), (Q, y, poly_o, None), y2
 
 
