@@ -103,7 +103,7 @@ class StepPlanning:
         route, settings changed since the factors were built (raises for one that cannot change), and the
         weights whose fingerprints the step must check (the method rewrites them from its factors)."""
         switch, rebuild, watched = [], [], []
-        now = self._settings(group)
+        now, overwrites = self._settings(group), self._overwrites(group)  # per group, not per weight
         for p in params:
             st = self.state.get(p)
             if not st:
@@ -122,6 +122,6 @@ class StepPlanning:
                                      f"{built.get(k)!r}) once a weight has state; build a new optimizer")
                 if changed:
                     rebuild.append(p)
-                if self._overwrites(group):
+                if overwrites:
                     watched.append(p)
         return switch, rebuild, watched
