@@ -14,7 +14,7 @@ from .checks import dense_defaults, flag_defaults
 from .decisions import DeviceFlags
 from .docs import fill_args_doc
 from .poet_capture import base_reset, device_resets, device_safeguard, keep_unless
-from .poet_settings import check_capturable, check_group, compensates
+from .poet_settings import check_capturable, check_group, compensates, rounds
 from .poet_state import POETState
 from .poet_step import (
     Group,
@@ -193,8 +193,8 @@ class POETOptimizer(POETState, FactorOptimizer):
     # ------------------------------------------------------------------ arguments
     def _check_group(self, group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
         check_group(group, factorized)
-        low = sorted({str(p.dtype) for p in factorized if p.dtype in (torch.bfloat16, torch.float16)})
-        if not group["store_base"] and low and not (group["compensate"] and not group["capturable"]):
+        low = sorted({str(p.dtype) for p in factorized if rounds(group, p) and not compensates(group, p)})
+        if low:
             why = "with capturable=True" if group["compensate"] else "with compensate=False"
             warnings.warn(f"geomopt: lean mode (store_base=False) {why} rounds a {', '.join(low)} weight at every "
                           "step, so the rounding errors add up and its singular values drift (0.14 relative over "

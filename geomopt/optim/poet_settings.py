@@ -10,9 +10,10 @@ import torch
 from ..geometry import block_layout, block_sizes
 from .checks import check_number
 from .inner import AdamRule
+from .state import factor_dtype
 
 __all__ = ["MODES", "SIDES", "FORMS", "DEFAULT_BLOCK", "RotationMap", "rotation_map", "layout", "sizes", "lr_scales",
-           "compensates", "check_group", "check_capturable"]
+           "rounds", "compensates", "check_group", "check_capturable"]
 
 MODES = ("bs", "fs")
 FORMS = ("paper", "series")
@@ -97,11 +98,15 @@ def _check_block_size(group: dict[str, Any], factorized: list[torch.Tensor]) -> 
         raise ValueError(f"block_size={b} is larger than every routed weight (largest dimension {largest})")
 
 
+def rounds(group: dict[str, Any], p: torch.Tensor) -> bool:
+    """Whether lean mode rounds weight ``p`` at every step: its dtype is below its factors' (bf16 / fp16)."""
+    return not group["store_base"] and p.dtype != factor_dtype(p)
+
+
 def compensates(group: dict[str, Any], p: torch.Tensor) -> bool:
-    """Whether lean mode keeps the rounding its step drops from weight ``p`` (``compensate``): bf16 / fp16 weights,
-    off the capturable step."""
-    return (not group["store_base"] and group["compensate"] and not group["capturable"]
-            and p.dtype in (torch.bfloat16, torch.float16))
+    """Whether lean mode keeps the rounding its step drops from weight ``p`` (``compensate``), off the capturable
+    step."""
+    return rounds(group, p) and group["compensate"] and not group["capturable"]
 
 
 def check_group(group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
