@@ -93,12 +93,12 @@ class Run:
         self.train_tokens = train_tokens
         self.windows = corpus.eval_windows(val_tokens, args.eval_windows, args.seq_len).to(args.device)
         self.model = model = build_model(args).to(args.device)
-        if issubclass(registry.get(name.removesuffix(IN_BACKWARD)).cls, POET) and args.poet_init == "normalized":
+        base, self.in_bwd = name.removesuffix(IN_BACKWARD), name.endswith(IN_BACKWARD)
+        spec = registry.get(base)
+        if issubclass(spec.cls, POET) and args.poet_init == "normalized":
             normalized_gaussian_(model, generator=torch.Generator().manual_seed(args.seed))
         self.linears = [p for g in build_param_groups(model) if g["factorize"] for p in g["params"]]
         self.sv0 = [torch.linalg.svdvals(w.detach().double()) for w in self.linears]
-        base, self.in_bwd = name.removesuffix(IN_BACKWARD), name.endswith(IN_BACKWARD)
-        spec = registry.get(base)
         self.lr = getattr(args, f"lr_{base.replace('-', '_')}", None) or spec.bench_lr
         self.opt = spec.build_for_bench(model, self.lr, args)
         if self.in_bwd:
