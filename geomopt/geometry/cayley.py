@@ -222,12 +222,15 @@ def normal_inverse(d: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def newton_schulz_inverse(d: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+def newton_schulz_inverse(d: torch.Tensor, iterations: int,
+                          per_block: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``rotation_inverse``'s iteration, ``iterations`` times and no host read (``newton_schulz_iterations`` of a
-    bound on the starting residual). Returns (X, converged): a 0-d device bool, whether the last residual,
-    squared (the residual X leaves), is within sqrt(eps), the entries of an inverse to rounding."""
+    bound on the starting residual). Returns (X, converged): a 0-d device bool (``per_block``: one per block),
+    whether the last residual, squared (the residual X leaves), is within sqrt(eps), the entries of an inverse to
+    rounding."""
     if d.numel() == 0:
-        return d.clone(), torch.ones((), dtype=torch.bool, device=d.device)
+        shape = d.shape[:-2] if per_block else ()
+        return d.clone(), torch.ones(shape, dtype=torch.bool, device=d.device)
     flat = d.reshape(-1, *d.shape[-2:])
     eye = _eye(d.shape[-1], d).expand_as(flat)
     x = flat.transpose(-2, -1)
@@ -235,7 +238,8 @@ def newton_schulz_inverse(d: torch.Tensor, iterations: int) -> tuple[torch.Tenso
     for _ in range(iterations):
         res = torch.baddbmm(eye, flat, x, alpha=-1.0)
         x = torch.baddbmm(x, x, res)
-    worst = res.abs().amax() if res is not None else (torch.baddbmm(eye, flat, x, alpha=-1.0)).abs().amax()
+    res = res if res is not None else torch.baddbmm(eye, flat, x, alpha=-1.0)
+    worst = res.abs().amax((-2, -1)).view(d.shape[:-2]) if per_block else res.abs().amax()
     return x.view(d.shape), worst * worst <= math.sqrt(torch.finfo(d.dtype).eps)
 
 
