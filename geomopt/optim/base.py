@@ -99,6 +99,7 @@ class FactorOptimizer(StepPlanning, Optimizer):
         self._interrupts = HeldInterrupt()
         self._committed: list[torch.Tensor] = []
         self._origin: dict[int, torch.Tensor] = {}
+        self._step_checks: frozenset = frozenset()  # ids whose checks the step makes itself (``_checks_in_step``)
 
     # ------------------------------------------------------------------ pickling and deepcopy
     def __getstate__(self) -> dict[str, Any]:
@@ -193,6 +194,7 @@ class FactorOptimizer(StepPlanning, Optimizer):
 
     def _apply_group(self, gp: GroupPlan) -> None:
         group, params = gp.group, gp.params
+        self._step_checks = gp.own
         if not params:
             return
         sharded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -273,9 +275,8 @@ class FactorOptimizer(StepPlanning, Optimizer):
     @staticmethod
     def _together(group: dict[str, Any], params: list[torch.Tensor]) -> bool:
         """Whether the weights of one shape share their dense calls (the multi-tensor path): with ``foreach=True``,
-        or ``fused=True`` and ``foreach`` unset; not with ``foreach=False``; by default where the weights live off
-        the CPU (on a GPU each call is a launch; on a CPU the per-weight calls, whose gathers stay in cache, are
-        faster)."""
+        or ``fused=True`` and ``foreach`` unset; by default off the CPU (there each call is a launch; on a CPU the
+        per-weight calls, whose gathers stay in cache, are faster)."""
         if group["foreach"] is not None:
             return bool(group["foreach"])
         if group["fused"]:

@@ -8,6 +8,10 @@ not saved in the state_dict), and compares it before the next step. torch's vers
 an edit through ``.data`` does not bump it. A change in any entry changes y unless it is below the rounding of y
 (about 1e-7 of y's size in fp32). The methods whose rewrite is incremental (POET lean mode, ReLoRA) keep such
 changes by construction and need no fingerprint.
+
+POET's tile pipeline (the kernel path) keeps another fingerprint, the row checksums of ``geometry.tiles``: its
+kernels take them as they read and write the weights, so checking costs no pass of its own, and any change of an
+entry changes them. A record says which kind it is; a weight is checked with the kind it was recorded with.
 """
 from __future__ import annotations
 
@@ -16,15 +20,18 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ..geometry.tiles import checksum_probe, row_checksums
 from .sharded import to_local
 
 __all__ = ["Fingerprints"]
 
 
 class _Record(NamedTuple):
-    """Fingerprints taken together: the weights (weak references, in order) and their fingerprints (L, m)."""
+    """Fingerprints taken together: the weights (weak references, in order) and their fingerprints (L, m): products
+    W v (``checksums`` False) or row checksums (int32)."""
     refs: tuple
     ys: torch.Tensor
+    checksums: bool = False
 
 
 class Fingerprints:
@@ -63,9 +70,31 @@ class Fingerprints:
         self._keep(params, self._product(stacked))
         self.fresh.update(id(p) for p in params)
 
-    def _keep(self, params: list[torch.Tensor], ys: torch.Tensor) -> None:
+    def record_checksums(self, params: list[torch.Tensor], sums: torch.Tensor) -> None:
+        """Record the row checksums (L, m) int32 of weights just written (``fresh`` until the step's end)."""
+        self._keep(params, sums, checksums=True)
+        self.fresh.update(id(p) for p in params)
+
+    def checksummed(self, p: torch.Tensor) -> bool | None:
+        """Whether ``p``'s record holds row checksums (None: ``p`` has no record)."""
+        entry = self._seen.get(id(p))
+        if entry is None or entry[0]() is not p:
+            return None
+        return entry[1].checksums
+
+    def expected(self, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Per weight of ``params``, its recorded row checksums (m,) int32 (a view of the record), or None where its
+        record holds none."""
+        out: list[torch.Tensor | None] = []
+        for p in params:
+            entry = self._seen.get(id(p))
+            ok = entry is not None and entry[0]() is p and entry[1].checksums
+            out.append(entry[1].ys[entry[2]] if ok else None)
+        return out
+
+    def _keep(self, params: list[torch.Tensor], ys: torch.Tensor, checksums: bool = False) -> None:
         """``ys`` (L, m) as the record of ``params``, taken together."""
-        rec = _Record(tuple(weakref.ref(p) for p in params), ys)
+        rec = _Record(tuple(weakref.ref(p) for p in params), ys, checksums)
         for j, p in enumerate(params):
             pid = id(p)
             self._seen[pid] = (weakref.ref(p, lambda _, k=pid: self._seen.pop(k, None)), rec, j)
@@ -96,7 +125,7 @@ class Fingerprints:
                 flags.append(torch.zeros(len(ix), dtype=torch.bool, device=rec.ys.device))
                 known += ix
                 continue
-            now, then = self._take(members), rec.ys
+            now, then = (self._sums(members) if rec.checksums else self._take(members)), rec.ys
             bits = {8: torch.int64, 4: torch.int32, 2: torch.int16}[now.element_size()]
             same = (now.view(bits) == then.view(bits)).all(dim=1)
             flags.append(same if order == list(range(len(members))) else same[torch.tensor(order, device=same.device)])
@@ -105,6 +134,13 @@ class Fingerprints:
             return [], torch.zeros(0, dtype=torch.bool)
         device = flags[0].device
         return known, torch.cat([f.to(device) for f in flags]) if len(flags) > 1 else flags[0]
+
+    @staticmethod
+    def _sums(params: list[torch.Tensor]) -> torch.Tensor:
+        """(L, m): the row checksums of weights of one local shape and dtype, computed in torch."""
+        ws = [to_local(p).detach() for p in params]
+        probe = checksum_probe(ws[0].shape[1], ws[0].dtype, ws[0].device)
+        return torch.stack([row_checksums(w, probe) for w in ws])
 
     def forget(self) -> None:
         self._seen.clear()

@@ -30,6 +30,7 @@ from .poet_step import (
     new_factors,
     rewrite,
 )
+from .poet_tiled import TiledStep
 from .sharded import local_state, to_local
 from .state import factor_dtype
 
@@ -49,7 +50,7 @@ class _Decided(NamedTuple):
     resets: list | None
 
 @fill_args_doc
-class POETOptimizer(POETState, FactorOptimizer):
+class POETOptimizer(POETState, TiledStep, FactorOptimizer):
     r"""POET (Qiu et al., arXiv 2506.08001) as a drop-in replacement for ``torch.optim.AdamW``.
 
     Every routed weight W (m x n, torch's out x in) is reparameterized as
@@ -173,6 +174,9 @@ class POETOptimizer(POETState, FactorOptimizer):
         super()._init_runtime()
         self._layout_cache: dict[int, tuple] = {}  # id(param) -> (weakref, key, layout); see _blocks
         self._stack_cache: dict[tuple, tuple] = {}  # a group's stacked index blocks; see make_groups
+        self._tile_caches: dict[int, dict] = {}  # per param group, the run layouts of the tile pipeline
+        self._tile_cache: dict[tuple, Any] = {}  # (``poet_tiled.run_layout``): the group's, from its last step,
+        self._tile_seen: dict[tuple, Any] = {}  # and those of this step
 
     def _inner_flags(self, group: dict[str, Any]) -> tuple[bool | None, bool | None]:
         """(foreach, fused) of the factors' Adam: the group's flags; a capturable step takes the fused kernel, which
@@ -206,11 +210,17 @@ class POETOptimizer(POETState, FactorOptimizer):
     # ------------------------------------------------------------------ step
     def _factor_step(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
                      lr: float, device: DeviceFlags | None = None) -> None:
-        """Step the weights in runs (``batching.chunks``): within a run, every block of one side and size is
-        mapped, inverted, differentiated and bounded in one batched call, and with ``foreach`` the weights of one
-        shape share their dense calls (``_step_run``)."""
+        """Step the weights in runs (``batching.chunks``): the weights that take the tile pipeline (``_tiled``: its
+        kernels on a GPU) in runs of ``_tiled_run``, the others on the staged pipeline (``_step_run``): within a run,
+        every block of one side and size is mapped, inverted, differentiated and bounded in one batched call, and
+        with ``foreach`` the weights of one shape share their dense calls."""
         works = [self._work(p, g, group) for p, g in zip(params, grads)]
-        together = self._together(group, params)
+        tiled = [device is None and (id(w.p) in self._step_checks or self._tiled(group, w.p)) for w in works]
+        self._runs(group, [w for w, t in zip(works, tiled) if not t], lr, device, self._together(group, params))
+        self._runs(group, [w for w, t in zip(works, tiled) if t], lr, None, True, tiled=True)
+
+    def _runs(self, group: dict[str, Any], works: list[Work], lr: float, device: DeviceFlags | None, together: bool,
+              tiled: bool = False) -> None:
         keys = [group_key(w) for w in works] if together else [None] * len(works)
         if together:  # weights of one key next to each other, in the order their keys first appear
             first: dict[tuple, int] = {}
@@ -218,9 +228,17 @@ class POETOptimizer(POETState, FactorOptimizer):
             works, keys = [works[i] for i in order], [keys[i] for i in order]
         sizes = [(sum(idx.numel() * idx.shape[1] for idx in w.rows + w.cols), to_local(w.p).numel() if together
                   else 0) for w in works]
-        cache, self._stack_cache = self._stack_cache, {}
+        if tiled:  # the run layouts this group used last step, and those it uses now (``_tiled_layout``)
+            self._tile_seen = {}
+            self._tile_cache = self._tile_caches.get(id(group), {})
+            self._tile_caches[id(group)] = self._tile_seen
+        else:
+            cache, self._stack_cache = self._stack_cache, {}
         for run in chunks(list(zip(works, keys)), sizes, (batching.BATCH_ELEMENTS, batching.DENSE_ELEMENTS)):
-            self._step_run(group, make_groups(run, cache, self._stack_cache), lr, device=device)
+            if tiled:
+                self._tiled_run(group, [w for w, _ in run], lr)
+            else:
+                self._step_run(group, make_groups(run, cache, self._stack_cache), lr, device=device)
 
     def _work(self, p: torch.Tensor, g: torch.Tensor, group: dict[str, Any]) -> Work:
         st = self.state[p]  # a row-sharded weight (FSDP2) works on its local rows: every row tensor is local
@@ -255,7 +273,7 @@ class POETOptimizer(POETState, FactorOptimizer):
         if plan is None:  # a state from elsewhere broke the bound the iterations assumed: nothing is
             return self._step_run(group, groups, lr, adaptive=True)  # committed yet, so run again
         del old, inv
-        self._commit_groups(group, groups, bases, batch, plan, new_qs, new_inner, rmap)
+        self._commit_groups(group, groups, bases, batch, plan, new_qs, new_inner)
 
     def _inner_update(self, group: dict[str, Any], works: list[Work], grads: list, lr: Any,
                       device: DeviceFlags | None) -> tuple[list, list]:
@@ -313,8 +331,17 @@ class POETOptimizer(POETState, FactorOptimizer):
             return _Decided(mats, per, flags, bounds, None, None, resets)
         return _Decided(mats, per, flags, bounds, take, merged | rebased, resets)  # merged or re-based: W0 <- W
 
+    def _update_of(self, group: dict[str, Any], w: Work, qs: list, inner: list, early: bool,
+                   bound: Any) -> tuple[dict[str, Any], bool]:
+        """Weight ``w``'s new state entries from its new generators and inner states, and whether it merges (the
+        safeguard fired, ``early``, or its cycle is over); ``bound`` is where the next step's inverses start."""
+        up = dict(step=w.st["step"] + 1, since_merge=w.st["since_merge"] + 1, **new_factors(w, qs, inner))
+        if group["max_q_norm"] is not None and settings.rotation_map(group) is not None:
+            up["q_bound"] = bound
+        return up, early or up["since_merge"] >= group["merge_every"]
+
     def _commit_groups(self, group: dict[str, Any], groups: list[Group], bases: list, batch: ByKey,
-                       plan: "_Decided", new_qs: list, new_inner: list, rmap: settings.RotationMap | None) -> None:
+                       plan: "_Decided", new_qs: list, new_inner: list) -> None:
         """Per group: its weights' new state entries, the rewrite of W (and W0 where ``plan`` sets it), scheduled
         and early merges, committed together; then the fingerprints of what was written."""
         starts = batch.starts()
@@ -322,13 +349,11 @@ class POETOptimizer(POETState, FactorOptimizer):
         for gr, base in zip(groups, bases):
             ups, merges = [], []
             for w in gr.works:
-                idx = range(pos, pos + len(w.qs))
+                up, merge = self._update_of(group, w, new_qs[pos: pos + len(w.qs)], new_inner[pos: pos + len(w.qs)],
+                                            plan.flags[wi], None if plan.bounds is None else plan.bounds[wi])
                 pos += len(w.qs)
-                ups.append(dict(step=w.st["step"] + 1, since_merge=w.st["since_merge"] + 1,
-                                **new_factors(w, [new_qs[i] for i in idx], [new_inner[i] for i in idx])))
-                merges.append(plan.flags[wi] or ups[-1]["since_merge"] >= group["merge_every"])
-                if group["max_q_norm"] is not None and rmap is not None:  # the next step's inverses start from it
-                    ups[-1]["q_bound"] = plan.bounds[wi]
+                ups.append(up)
+                merges.append(merge)
                 if plan.resets is not None:
                     ups[-1].update(plan.resets[wi])
                 wi += 1

@@ -27,6 +27,11 @@ class RotationMap(NamedTuple):
     terms: int
     form: str = "paper"
 
+    @property
+    def name(self) -> str:
+        """The map's name at the dispatch point (``geometry.dispatch``): its reference and kernels."""
+        return "cayley_neumann" if self.form == "paper" else "cayley_series"
+
     def residual(self, c: float) -> float:
         """A bound on ||I - D D^T|| for the block D of a generator with ||Q||_2 <= c: for "paper", D D^T =
         (I - Q^(k+1))(I - (-Q)^(k+1)), so 2 c^(k+1) + c^(2k+2) for odd k and c^(2k+2) for even k; for "series",

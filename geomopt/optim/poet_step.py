@@ -57,7 +57,7 @@ def rotation(q: torch.Tensor, b: int, rmap: RotationMap | None) -> torch.Tensor:
     """The blocks of packed generators ``q``: exact Cayley (``rmap`` None) or ``rmap``'s Cayley-Neumann polynomial."""
     if rmap is None:
         return call("cayley_exact", q, b)
-    return call("cayley_neumann" if rmap.form == "paper" else "cayley_series", q, b, rmap.terms)
+    return call(rmap.name, q, b, rmap.terms)
 
 
 def rotation_and_bound(q: torch.Tensor, b: int, rmap: RotationMap) -> tuple[torch.Tensor, torch.Tensor]:

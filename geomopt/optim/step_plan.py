@@ -30,6 +30,7 @@ class GroupPlan(NamedTuple):
     rebase: list[torch.Tensor]  # weight changed outside the optimizer
     skipped: int  # non-finite gradients skipped
     device: DeviceFlags | None = None  # capturable groups: the decisions on the device (the step applies them)
+    own: frozenset = frozenset()  # ids of the parameters whose gradient and fingerprint the method's step checks
 
 
 class StepPlanning:
@@ -55,17 +56,21 @@ class StepPlanning:
             lr = lr_value(group["lr"])
             init_only = not group["capturable"] and lr == 0 and all(
                 global_all([~to_local(p.grad).any() for p in params], params))
-            staged.append((group, first, params, lr, init_only, *self._settings_plan(group, params)))
+            plan = self._settings_plan(group, params)
+            pending = {id(p) for p in plan[0] + plan[1]}
+            own = frozenset() if init_only else self._checks_in_step(group, [p for p in params
+                                                                              if id(p) not in pending])
+            staged.append((group, first, params, lr, init_only, *plan, own))
             first += len(group["params"])
-        flat = [p for s in staged if not s[0]["capturable"] for p in s[2]]
-        watched = [p for s in staged if not s[4] and not s[0]["capturable"] for p in s[7]]
+        flat = [p for s in staged if not s[0]["capturable"] for p in s[2] if id(p) not in s[8]]
+        watched = [p for s in staged if not s[4] and not s[0]["capturable"] for p in s[7] if id(p) not in s[8]]
         finite, same = self._read_flags(flat, watched)
         if self.nonfinite == "raise" and not all(finite):
             bad = [p for p, ok in zip(flat, finite) if not ok]
             raise FloatingPointError(f"non-finite gradient in {len(bad)} parameter(s) (first of shape "
                                      f"{tuple(bad[0].shape)}); nothing was updated")
-        ok = {id(p) for p, fine in zip(flat, finite) if fine} | {
-            id(p) for s in staged if s[0]["capturable"] for p in s[2]}  # decided on the device
+        ok = {id(p) for p, fine in zip(flat, finite) if fine} | {  # decided on the device, or by the step
+            id(p) for s in staged if s[0]["capturable"] for p in s[2]} | {i for s in staged for i in s[8]}
         edited = {id(p) for p, kept in zip(watched, same) if not kept and id(p) in ok}
         if edited and self.external_edits == "raise":
             p = next(p for p in watched if id(p) in edited)
@@ -75,13 +80,20 @@ class StepPlanning:
         device = device_flags(self._edits, [p for s in staged if s[0]["capturable"] for p in s[2]],
                               [p for s in staged if s[0]["capturable"] for p in s[7]])  # one set for all of them
         plans = []
-        for group, first, params, lr, init_only, switch, rebuild, _ in staged:
+        for group, first, params, lr, init_only, switch, rebuild, _, own in staged:
             kept = [p for p in params if id(p) in ok]
             rebase = [p for p in kept if id(p) in edited]
             plans.append(GroupPlan(group, first, kept, lr, init_only, [p for p in switch if id(p) in ok],
                                    [p for p in rebuild if id(p) in ok and id(p) not in edited], rebase,
-                                   len(params) - len(kept), device if group["capturable"] and params else None))
+                                   len(params) - len(kept), device if group["capturable"] and params else None,
+                                   own))
         return plans
+
+    def _checks_in_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> frozenset:
+        """The ids of those of ``params`` (stepped, with state of their route and settings unchanged) whose gradient
+        (non-finite entries) and fingerprint (changed from outside) the method's step checks itself, from a pass
+        over them that it makes anyway; the plan leaves them out of its own checks. None by default."""
+        return frozenset()
 
     def _read_flags(self, flat: list[torch.Tensor], watched: list[torch.Tensor]) -> tuple[list[bool], list[bool]]:
         """(whether each gradient of ``flat`` is finite, whether each ``watched`` weight is as the optimizer
