@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..geometry.qr import tall_qr as _reference
+from ...geometry.qr import tall_qr as _reference
+from ..tiling import launch
 
 __all__ = ["tall_qr"]
 
@@ -65,8 +66,9 @@ def _pass(x: torch.Tensor, t: torch.Tensor | None, gram: bool) -> tuple[torch.Te
     progs = triton.cdiv(m, rows_per_prog)
     y = torch.empty_like(x) if t is not None else x
     part = torch.empty(progs, cpad, cpad, dtype=torch.float32, device=x.device) if gram else x
-    _panel_kernel[(progs,)](x, t if t is not None else x, y, part, m, c, rows_per_prog, BR=br, C=cpad,
-                            APPLY=t is not None, GRAM=gram, PREC=_prec(x))
+    launch("tall_qr", _panel_kernel, (progs,), [x, t, y if t is not None else None, part if gram else None],
+           x, t if t is not None else x, y, part, m, c, rows_per_prog, BR=br, C=cpad, APPLY=t is not None, GRAM=gram,
+           PREC=_prec(x))
     return (y if t is not None else None), (part.sum(0)[:c, :c] if gram else None)
 
 
