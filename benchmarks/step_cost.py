@@ -17,6 +17,14 @@ The metric (``StepCost``, a ``TorchDispatchMode`` around ``optimizer.step()``):
 - host syncs: ops that wait for a value on the host (``_local_scalar_dense``: ``.item()``, ``float()``,
   ``bool()``; ``nonzero``, ``equal``, ``is_nonzero``) and ``Tensor.tolist()`` calls (a device-to-host copy on a
   GPU);
+- kernel launches (``geomopt.kernels``, counted through ``geometry.dispatch.record_launches``): each is one op, and
+  its bytes are those of its launch arguments, every tensor it reads or writes counted once (those reached
+  through its tables of pointers included), as for an aten op; a table of host numbers copied to the device counts
+  as a launch too; the torch calls Triton's interpreter makes to run a kernel are not counted. ``--kernels`` runs
+  the step on the kernel path (on a CPU under the interpreter: set ``TRITON_INTERPRET=1``; its wall time means
+  nothing there);
+- launches: the ops that move bytes (on a GPU each is a kernel or a copy; views, allocations and reads of host
+  numbers are not), kernel launches included; per weight shape, the launches over the number of routed shapes;
 - wall: the step's time on this machine, outside the meter: the same kind of step one cycle later;
 - bytes by op: the bytes split by the aten op that moved them (the eight largest per step in the JSON, the four
   largest of the plain step in the Markdown), to show which passes over the weights a step makes.
@@ -31,6 +39,7 @@ come from real batches of the embedded corpus. JSON (``step_cost.json``) and Mar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -44,6 +53,9 @@ from torch.utils._pytree import tree_flatten
 
 from geomopt import bench, registry
 from geomopt.data import load_corpus, sample_batch
+from geomopt.geometry import dispatch
+from geomopt.optim import FactorOptimizer
+from geomopt.optim.routing import is_factorized
 from geomopt.timing import Clock
 
 _A = torch.ops.aten
@@ -66,6 +78,8 @@ class StepCost(TorchDispatchMode):
         self.syncs = 0
         self.by_op: Counter = Counter()
         self.bytes_by_op: Counter = Counter()
+        self.launches: list[dispatch.Launch] = []
+        self.moving = 0
 
     def __enter__(self):
         self._tolist = torch.Tensor.tolist
@@ -77,10 +91,19 @@ class StepCost(TorchDispatchMode):
             return meter._tolist(t, *a, **k)
 
         torch.Tensor.tolist = tolist
+        self._recording = dispatch.record_launches()
+        self.launches = self._recording.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc):
         torch.Tensor.tolist = self._tolist
+        self._recording.__exit__(*exc)
+        for launch in self.launches:  # a kernel launch: one op, the bytes of its arguments
+            self.ops += 1
+            self.moving += 1
+            self.bytes += launch.bytes
+            self.by_op[launch.name] += 1
+            self.bytes_by_op[launch.name] += launch.bytes
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -100,6 +123,7 @@ class StepCost(TorchDispatchMode):
             moved = sum(seen.values())
             self.bytes += moved
             if moved:
+                self.moving += 1
                 self.bytes_by_op[str(func.overloadpacket.__name__)] += moved
         return out
 
@@ -132,44 +156,63 @@ def _grads(model: torch.nn.Module, train: torch.Tensor, args: argparse.Namespace
     bench.next_token_loss(model, sample_batch(train, args.batch, args.seq_len, gen).to(args.device)).backward()
 
 
+def _kernel_path(args: argparse.Namespace) -> Any:
+    """The context the steps run in: with ``--kernels``, the kernel path (on a CPU under Triton's interpreter)."""
+    if not args.kernels:
+        return contextlib.nullcontext()
+    if args.device.startswith("cpu"):
+        return dispatch.kernels_on_cpu()
+    os.environ["GEOMOPT_KERNELS"] = "1"
+    return contextlib.nullcontext()
+
+
 def measure(name: str, args: argparse.Namespace, train: torch.Tensor, cycle: int) -> dict[str, Any]:
-    """The plain step and the cycle's last step of one optimizer: {kind: {ops, bytes, syncs, wall_ms}}. Two cycles:
-    the first one's are metered, the second one's timed (the optimizer warm both times: its state and caches
-    exist)."""
+    """The plain step and the cycle's last step of one optimizer: {kind: {ops, bytes, syncs, launches, wall_ms}}.
+    Two cycles: the first one's are metered, the second one's timed (the optimizer warm both times: its state and
+    caches exist); under Triton's interpreter the second cycle is skipped (its times mean nothing)."""
     model = bench.build_model(args).to(args.device)
     opt = _make(name, args)(model)
     gen = torch.Generator().manual_seed(args.seed)
-    out: dict[str, Any] = {"param_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
-    for step in range(1, 2 * cycle + 1):  # the last step of a cycle merges / resets
-        _grads(model, train, args, gen)
-        at = (step - 1) % cycle + 1
-        kind = "plain" if at == cycle - 1 else "merge" if at == cycle else None
-        if kind is None:
-            opt.step()
-        elif step <= cycle:
-            meter = StepCost()
-            with meter:
+    shapes = {tuple(p.shape) for g in opt.param_groups for p in g["params"]
+              if isinstance(opt, FactorOptimizer) and is_factorized(p, g)}  # the routed weights' shapes
+    out: dict[str, Any] = {"param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+                           "shapes": len(shapes)}
+    steps = cycle if args.kernels and args.device.startswith("cpu") else 2 * cycle
+    with _kernel_path(args):
+        for step in range(1, steps + 1):  # the last step of a cycle merges / resets
+            _grads(model, train, args, gen)
+            at = (step - 1) % cycle + 1
+            kind = "plain" if at == cycle - 1 else "merge" if at == cycle else None
+            if kind is None:
                 opt.step()
-            out[kind] = dict(ops=meter.ops, bytes=meter.bytes, syncs=meter.syncs,
-                             top_ops=meter.by_op.most_common(8), top_bytes=meter.bytes_by_op.most_common(8))
-        else:
-            clock = Clock(args.device).start()
-            opt.step()
-            out[kind]["wall_ms"] = 1000 * clock.lap()
+            elif step <= cycle:
+                meter = StepCost()
+                with meter:
+                    opt.step()
+                out[kind] = dict(ops=meter.ops, bytes=meter.bytes, syncs=meter.syncs, wall_ms=None,
+                                 launches=meter.moving, kernels=len(meter.launches),
+                                 top_ops=meter.by_op.most_common(8), top_bytes=meter.bytes_by_op.most_common(8))
+            else:
+                clock = Clock(args.device).start()
+                opt.step()
+                out[kind]["wall_ms"] = 1000 * clock.lap()
     return out
 
 
 def table(results: dict[str, dict[str, Any]], baseline: str = "adamw-fused") -> str:
     base = results.get(baseline)
-    head = ("| optimizer | step | ops | bytes / parameter bytes | bytes vs fused AdamW | host syncs | wall ms |\n"
-            "| --- | --- | --- | --- | --- | --- | --- |")
+    head = ("| optimizer | step | ops | launches (per weight shape) | of which kernels | bytes / parameter bytes | "
+            "bytes vs fused AdamW | host syncs | wall ms |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     rows = [head]
     for name, res in results.items():
         for kind in ("plain", "merge"):
             r = res[kind]
             ratio = r["bytes"] / res["param_bytes"]
             vs = f"{r['bytes'] / base[kind]['bytes']:.2f}x" if base else "-"
-            rows.append(f"| {name} | {kind} | {r['ops']} | {ratio:.1f} | {vs} | {r['syncs']} | {r['wall_ms']:.1f} |")
+            wall = "n/a" if r["wall_ms"] is None else f"{r['wall_ms']:.1f}"
+            per = f"{r['launches']} ({r['launches'] / res['shapes']:.1f})" if res["shapes"] else str(r["launches"])
+            rows.append(f"| {name} | {kind} | {r['ops']} | {per} | {r['kernels']} | {ratio:.2f} | {vs} | {r['syncs']} "
+                        f"| {wall} |")
     return "\n".join(rows)
 
 
@@ -194,7 +237,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch", type=int, default=None, help="override the preset's batch (gradients only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="folder for step_cost.json and step_cost.md")
+    p.add_argument("--kernels", action="store_true", help="step on the kernel path (on a CPU: TRITON_INTERPRET=1)")
     a = p.parse_args(argv)
+    if a.kernels and a.device.startswith("cpu") and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--kernels on a CPU runs the kernels under Triton's interpreter: set TRITON_INTERPRET=1")
     if a.cycle < 3:
         raise SystemExit(f"--cycle must be >= 3 (two warm-up steps, then a plain step), got {a.cycle}")
     extra = ["--layers", str(a.layers)] if a.layers else []
@@ -202,10 +248,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = bench.parse_args(["--preset", a.preset, "--block-size", str(a.block_size), "--rank", str(a.rank),
                              "--merge-every", str(a.cycle), "--reset-every", str(a.cycle), "--device", a.device,
                              *extra])
+    args.kernels = a.kernels
     train, _ = load_corpus(2_000_000)
     results = {name: measure(name, args, train, a.cycle) for name in a.optimizers.split(",")}
     info = dict(preset=a.preset, layers=args.layers, cycle=a.cycle, block_size=a.block_size, rank=a.rank,
-                device=a.device, torch=torch.__version__, machine=platform.machine(), threads=torch.get_num_threads())
+                device=a.device, kernels=a.kernels, torch=torch.__version__, machine=platform.machine(),
+                threads=torch.get_num_threads())
     text = f"{table(results)}\n\nWhere the bytes of a plain step go:\n\n{bytes_table(results)}"
     print(f"step cost, preset {a.preset} ({args.layers} layers), {a.device}, torch {torch.__version__}\n\n{text}")
     if a.out:
