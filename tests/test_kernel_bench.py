@@ -10,21 +10,23 @@ triton = pytest.importorskip("triton")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import bench_kernels  # noqa: E402
 
-KERNELS = {"cayley_neumann fwd", "cayley_neumann fwd+bwd", "rotate_rows", "rotate_cols", "row_block_grad",
-           "col_block_grad", "tall_qr (CholeskyQR2)"}
+KERNELS = {"cayley_neumann fwd", "cayley_neumann fwd+bwd", "tile_grads", "tile_rewrite (lean)",
+           "factor_update (lean)", "tall_qr (CholeskyQR2)"}
 
 
 def test_smoke_run_reports_every_kernel_with_its_error(tmp_path, capsys):
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("a GPU machine: the smoke run is for the interpreter")
     out = tmp_path / "rows.json"
-    assert bench_kernels.main(["--small", "--device", "cpu", "--no-compile", "--dtype", "fp32", "--json",
+    assert bench_kernels.main(["--small", "--device", "cpu", "--no-compile", "--dtype", "fp32", "--step", "--json",
                                str(out)]) == 0
-    rows = json.loads(out.read_text())
+    saved = json.loads(out.read_text())
+    rows = saved["kernels"]
     assert {r["kernel"] for r in rows} == KERNELS
-    assert all(r["rel_err"] < 1e-5 and r["kernel_ms"] > 0 and r["eager_ms"] > 0 for r in rows)
+    assert all(r["rel_err"] < 1e-5 and r["kernel_ms"] > 0 and r["eager_ms"] > 0 and r["gbps"] > 0 for r in rows)
+    assert [r["optimizer"] for r in saved["steps"]] == ["adamw (fused)", "poet lean, b=16"]
     printed = capsys.readouterr().out
-    assert printed.count("\n| ") == len(rows) + 1  # the header and one line per case
+    assert printed.count("\n| ") == len(rows) + 1 + 4  # the kernels: header and rows; the steps: header, rule, rows
 
 
 def test_cpu_without_the_interpreter_is_refused(monkeypatch, capsys):

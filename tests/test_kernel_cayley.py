@@ -1,13 +1,16 @@
-"""The Cayley-Neumann kernel (forward and backward) against the torch reference, under TRITON_INTERPRET=1."""
+"""The Cayley-Neumann kernels (forward and backward, the paper's and the series form) against the torch references,
+under TRITON_INTERPRET=1."""
 import pytest
 import torch
 from conftest import rel_err
 
 from geomopt.geometry.cayley import cayley_neumann as reference
+from geomopt.geometry.cayley import cayley_series as series_reference
 from geomopt.geometry.skew import skew_size
 
 triton = pytest.importorskip("triton")
-kernel = pytest.importorskip("geomopt.kernels.cayley").cayley_neumann
+mod = pytest.importorskip("geomopt.kernels.cayley")
+kernel = mod.cayley_neumann
 
 CASES = [(b, k) for b in (16, 32, 64) for k in (1, 3, 5)] + [(5, 1), (5, 5), (37, 3), (37, 5)]
 
@@ -24,11 +27,24 @@ def test_forward_and_backward_match_the_reference_fp32(b, k):
     q_ref = q.detach().clone().requires_grad_()
     r, r_ref = kernel(q, b, k), reference(q_ref, b, k)
     assert r.shape == r_ref.shape == (3, b, b) and r.dtype == torch.float32
-    assert rel_err(r, r_ref) < 1e-5
+    assert rel_err(r, r_ref) < mod.TOLERANCE[torch.float32]
     up = torch.randn(3, b, b, generator=torch.Generator().manual_seed(7))
     (gq,) = torch.autograd.grad(r, q, up)
     (gq_ref,) = torch.autograd.grad(r_ref, q_ref, up)
-    assert rel_err(gq, gq_ref) < 1e-5
+    assert rel_err(gq, gq_ref) < mod.TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("b,k", [(16, 2), (37, 5), (64, 4)], ids=["b16-k2", "b37-k5", "b64-k4"])
+def test_series_form_forward_and_backward_match_the_reference(b, k):
+    q = packed(2, b, 0.5, seed=b).requires_grad_()
+    q_ref = q.detach().clone().requires_grad_()
+    r, r_ref = mod.cayley_series(q, b, k), series_reference(q_ref, b, k)
+    assert rel_err(r, r_ref) < mod.TOLERANCE[torch.float32]
+    up = torch.randn(2, b, b, generator=torch.Generator().manual_seed(8))
+    (gq,), (gq_ref,) = torch.autograd.grad(r, q, up), torch.autograd.grad(r_ref, q_ref, up)
+    assert rel_err(gq, gq_ref) < mod.TOLERANCE[torch.float32]
+    with pytest.raises(ValueError, match="terms must be >= 2 for the series form, got 1"):
+        mod.cayley_series(q, b, 1)
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])

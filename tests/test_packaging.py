@@ -52,3 +52,15 @@ def test_kernels_without_triton_say_what_they_need():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(ROOT))
     assert out.returncode != 0
     assert "geomopt.kernels needs triton" in out.stderr and "pip install 'geomopt[triton]'" in out.stderr
+
+
+def test_every_subpackage_ships_in_the_wheel():
+    """pyproject lists the packages by hand: a folder of the package with an __init__.py that is not listed would be
+    missing from the wheel (the kernels' folders, say)."""
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = {os.path.relpath(d, ROOT).replace(os.sep, ".") for d, _, files in os.walk(os.path.join(ROOT, "geomopt"))
+             if "__init__.py" in files}
+    assert found == listed, (found - listed, listed - found)
