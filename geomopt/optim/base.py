@@ -62,6 +62,8 @@ class FactorOptimizer(StepPlanning, Optimizer):
     KEEPS_RANK = False
     #: the state entries a factorized weight trains in its place (tensors or lists of them)
     TRAINED_KEYS: tuple[str, ...] = ()
+    #: whether the factors have an inner optimizer (``inner``, ``inner_kwargs``)
+    INNER_RULE = True
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, inner: type | None = torch.optim.AdamW,
                  inner_kwargs: dict[str, Any] | None = None, seed: int = 0, nonfinite: str = "skip",

@@ -13,9 +13,9 @@ from ..grow.resize import old_mask, pad_dim
 from . import state as layout
 from .base import FactorOptimizer
 from .batching import dense_stack, key_runs
-from .checks import check_number, check_rank, dense_defaults, flag_defaults
-from .docs import fill_args_doc
+from .checks import check_number, check_rank
 from .sharded import all_reduce, like, row_shard, to_local, tsqr
+from .shared_args import base_args, common_args, group_defaults, shared_args
 from .state import factor_dtype
 
 __all__ = ["DLRAMomentum", "METHODS"]
@@ -28,7 +28,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-@fill_args_doc
+@shared_args
 class DLRAMomentum(FactorOptimizer):
     r"""Momentum on the fixed-rank manifold (Schotthöfer, Klein, Kusch, arXiv 2506.17475).
 
@@ -78,6 +78,8 @@ class DLRAMomentum(FactorOptimizer):
         ...     opt.step()
     """
 
+    INNER_RULE = False  # its own momentum: no inner optimizer (``inner`` is not an argument)
+
     STATE_MARKER = "U"
     KEEPS_RANK = True
     TRAINED_KEYS = ("U", "S", "V")
@@ -86,20 +88,11 @@ class DLRAMomentum(FactorOptimizer):
 
     def __init__(self, params: Any, lr: float = 1e-3, *, rank: int = 64, momentum: float = 0.9,
                  method: str = "heavy_ball", beta2: float = 0.999, rank_tol: float | None = None,
-                 min_rank: int = 1, max_rank: int | None = None, stabilize_every: int = 0,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
-                 dense_lr: float | None = None, dense_weight_decay: float | None = None,
-                 seed: int = 0, nonfinite: str = "skip", external_edits: str = "rebase", include: Any = None,
-                 exclude: Any = None, maximize: bool = False,
-                 foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
-                 differentiable: bool = False):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, factorize=True, rank=rank,
-                        momentum=momentum, method=method, beta2=beta2, rank_tol=rank_tol, min_rank=min_rank,
-                        max_rank=max_rank, stabilize_every=stabilize_every,
-                        **dense_defaults(lr, dense_lr, dense_weight_decay),
-                        **flag_defaults(maximize, foreach, fused, capturable, differentiable))
-        super().__init__(params, defaults, inner=None, seed=seed, nonfinite=nonfinite, external_edits=external_edits,
-                         include=include, exclude=exclude)
+                 min_rank: int = 1, max_rank: int | None = None, stabilize_every: int = 0, **common: Any):
+        args = common_args(type(self), common)
+        own = dict(rank=rank, momentum=momentum, method=method, beta2=beta2, rank_tol=rank_tol, min_rank=min_rank,
+                   max_rank=max_rank, stabilize_every=stabilize_every)
+        super().__init__(params, group_defaults(lr, args, own), **base_args(args))
 
     def _overwrites(self, group: dict[str, Any]) -> bool:
         return True  # W is rewritten as U S V^T

@@ -10,9 +10,7 @@ from . import batching
 from . import poet_settings as settings
 from .base import FactorOptimizer
 from .batching import ByKey, chunks
-from .checks import dense_defaults, flag_defaults
 from .decisions import DeviceFlags
-from .docs import fill_args_doc
 from .poet_capture import base_reset, device_resets, device_safeguard, keep_unless
 from .poet_settings import check_capturable, check_group, compensates, rounds
 from .poet_state import POETState
@@ -32,6 +30,7 @@ from .poet_step import (
 )
 from .poet_tiled import TiledStep
 from .sharded import local_state, to_local
+from .shared_args import base_args, common_args, group_defaults, shared_args
 from .state import factor_dtype
 
 __all__ = ["POETOptimizer", "POET"]
@@ -49,7 +48,7 @@ class _Decided(NamedTuple):
     merged: torch.Tensor | None
     resets: list | None
 
-@fill_args_doc
+@shared_args
 class POETOptimizer(POETState, TiledStep, FactorOptimizer):
     r"""POET (Qiu et al., arXiv 2506.08001) as a drop-in replacement for ``torch.optim.AdamW``.
 
@@ -152,23 +151,12 @@ class POETOptimizer(POETState, TiledStep, FactorOptimizer):
                  merge_every: int = 200, exact_merge: bool = False,
                  store_base: bool = True, compensate: bool = True, max_q_norm: float | None = 0.5,
                  row_shards: int | None = None,
-                 lr_ref_block: int | None = 32,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
-                 dense_lr: float | None = None, dense_weight_decay: float | None = None,
-                 inner: type = torch.optim.AdamW, inner_kwargs: dict[str, Any] | None = None,
-                 seed: int = 0, nonfinite: str = "skip", external_edits: str = "rebase", include: Any = None,
-                 exclude: Any = None, maximize: bool = False,
-                 foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
-                 differentiable: bool = False):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, factorize=True,
-                        block_size=block_size, mode=mode, neumann_terms=neumann_terms, neumann_form=neumann_form,
-                        exact_cayley=exact_cayley, merge_every=merge_every, exact_merge=exact_merge,
-                        store_base=store_base, compensate=compensate,
-                        max_q_norm=max_q_norm, row_shards=row_shards, lr_ref_block=lr_ref_block,
-                        **dense_defaults(lr, dense_lr, dense_weight_decay),
-                        **flag_defaults(maximize, foreach, fused, capturable, differentiable))
-        super().__init__(params, defaults, inner=inner, inner_kwargs=inner_kwargs, seed=seed, nonfinite=nonfinite,
-                         external_edits=external_edits, include=include, exclude=exclude)
+                 lr_ref_block: int | None = 32, **common: Any):
+        args = common_args(type(self), common)
+        own = dict(block_size=block_size, mode=mode, neumann_terms=neumann_terms, neumann_form=neumann_form,
+                   exact_cayley=exact_cayley, merge_every=merge_every, exact_merge=exact_merge, store_base=store_base,
+                   compensate=compensate, max_q_norm=max_q_norm, row_shards=row_shards, lr_ref_block=lr_ref_block)
+        super().__init__(params, group_defaults(lr, args, own), **base_args(args))
 
     def _init_runtime(self) -> None:
         super()._init_runtime()

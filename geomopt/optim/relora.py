@@ -11,10 +11,10 @@ from ..grow.resize import pad_dim, pad_like
 from . import state as layout
 from .base import FactorOptimizer
 from .batching import dense_stack, key_runs
-from .checks import check_number, check_rank, dense_defaults, flag_defaults
-from .docs import fill_args_doc
+from .checks import check_number, check_rank
 from .inner import AdamRule
 from .sharded import all_reduce, is_dtensor, like, local_state, put_back, row_shard, shard_state, to_local
+from .shared_args import base_args, common_args, group_defaults, shared_args
 from .state import factor_dtype, mix_seed
 
 __all__ = ["ReLoRAReset", "PRUNE_MODES", "prune_state_"]
@@ -63,7 +63,7 @@ def prune_state_(state: dict[str, Any], like: torch.Tensor, prune_ratio: float, 
         to_local(v).masked_fill_(~mask, 0)
 
 
-@fill_args_doc
+@shared_args
 class ReLoRAReset(FactorOptimizer):
     r"""ReLoRA (Lialin et al., arXiv 2307.05695) as a drop-in replacement for ``torch.optim.AdamW``.
 
@@ -120,22 +120,11 @@ class ReLoRAReset(FactorOptimizer):
 
     def __init__(self, params: Any, lr: float = 1e-3, *, rank: int = 128, alpha: float = 32.0,
                  reset_every: int = 2000, reset_offset: int = 0, prune_ratio: float = 0.99, prune: str = "magnitude",
-                 warm_start_steps: int = 0, restart_warmup_steps: int = 100,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
-                 dense_lr: float | None = None, dense_weight_decay: float | None = None,
-                 inner: type = torch.optim.AdamW, inner_kwargs: dict[str, Any] | None = None,
-                 seed: int = 0, nonfinite: str = "skip", external_edits: str = "rebase", include: Any = None,
-                 exclude: Any = None, maximize: bool = False,
-                 foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
-                 differentiable: bool = False):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, factorize=True, rank=rank,
-                        alpha=alpha, reset_every=reset_every, reset_offset=reset_offset, prune_ratio=prune_ratio,
-                        prune=prune,
-                        warm_start_steps=warm_start_steps, restart_warmup_steps=restart_warmup_steps,
-                        **dense_defaults(lr, dense_lr, dense_weight_decay),
-                        **flag_defaults(maximize, foreach, fused, capturable, differentiable))
-        super().__init__(params, defaults, inner=inner, inner_kwargs=inner_kwargs, seed=seed, nonfinite=nonfinite,
-                         external_edits=external_edits, include=include, exclude=exclude)
+                 warm_start_steps: int = 0, restart_warmup_steps: int = 100, **common: Any):
+        args = common_args(type(self), common)
+        own = dict(rank=rank, alpha=alpha, reset_every=reset_every, reset_offset=reset_offset, prune_ratio=prune_ratio,
+                   prune=prune, warm_start_steps=warm_start_steps, restart_warmup_steps=restart_warmup_steps)
+        super().__init__(params, group_defaults(lr, args, own), **base_args(args))
 
     def _check_group(self, group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
         check_rank(group, factorized)

@@ -1,7 +1,53 @@
-"""The argument text every geomopt optimizer's docstring shares (one place), and the decorator that puts it there."""
+"""The arguments every geomopt optimizer shares, in one place: their names and defaults (``COMMON``) and their text
+(``COMMON_ARGS_DOC``). A class's ``__init__`` takes its own arguments and ``**common``, which ``common_args`` checks
+and completes; ``shared_args`` (a class decorator) puts the shared arguments into the signature of ``__init__``
+(``inspect.signature``, ``help()``, the API reference) and their text into the class docstring."""
 from __future__ import annotations
 
-__all__ = ["COMMON_ARGS_DOC", "fill_args_doc"]
+import inspect
+from typing import Any
+
+import torch
+
+from .checks import dense_defaults, flag_defaults
+
+__all__ = ["COMMON", "COMMON_ARGS_DOC", "common_args", "group_defaults", "base_args", "shared_args"]
+
+#: the shared keyword-only arguments and their defaults, in the order of the signatures
+COMMON: dict[str, Any] = dict(
+    betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, dense_lr=None, dense_weight_decay=None, inner=torch.optim.AdamW,
+    inner_kwargs=None, seed=0, nonfinite="skip", external_edits="rebase", include=None, exclude=None, maximize=False,
+    foreach=None, fused=None, capturable=False, differentiable=False)
+_INNER = ("inner", "inner_kwargs")
+_BASE = ("inner", "inner_kwargs", "seed", "nonfinite", "external_edits", "include", "exclude")
+
+
+def _allowed(cls: type) -> dict[str, Any]:
+    """The shared arguments ``cls`` takes: all of them, or without the inner rule (``cls.INNER_RULE`` False)."""
+    return COMMON if getattr(cls, "INNER_RULE", True) else {k: v for k, v in COMMON.items() if k not in _INNER}
+
+
+def common_args(cls: type, given: dict[str, Any]) -> dict[str, Any]:
+    """The shared arguments of ``cls`` as given, the others at their defaults; an unknown one raises TypeError, as
+    Python would for an argument the signature lacks."""
+    allowed = _allowed(cls)
+    for key in given:
+        if key not in allowed:
+            raise TypeError(f"{cls.__name__}.__init__() got an unexpected keyword argument {key!r}")
+    return {**allowed, **given}
+
+
+def group_defaults(lr: Any, args: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """A class's ``defaults``: the shared group settings around its own (``own``)."""
+    return dict(lr=lr, betas=args["betas"], eps=args["eps"], weight_decay=args["weight_decay"], factorize=True, **own,
+                **dense_defaults(lr, args["dense_lr"], args["dense_weight_decay"]),
+                **flag_defaults(args["maximize"], args["foreach"], args["fused"], args["capturable"],
+                                args["differentiable"]))
+
+
+def base_args(args: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``FactorOptimizer.__init__`` among the shared ones (``inner=None`` without one)."""
+    return {k: args.get(k) for k in _BASE}
 
 COMMON_ARGS_DOC = r"""
         params: an ``nn.Module`` (routed: ``nn.Linear`` and GPT-2 ``Conv1D`` weights get the method, embeddings,
@@ -51,10 +97,16 @@ COMMON_ARGS_DOC = r"""
 """
 
 
-def fill_args_doc(cls: type) -> type:
-    """Class decorator: put ``COMMON_ARGS_DOC`` where the class docstring says ``<COMMON_ARGS>``
+def shared_args(cls: type) -> type:
+    """Class decorator: the shared arguments in the signature of ``cls.__init__`` (after the class's own, in place of
+    ``**common``), and ``COMMON_ARGS_DOC`` where the class docstring says ``<COMMON_ARGS>``
     (``<COMMON_ARGS_NO_INNER>``: the same without ``inner``/``inner_kwargs``)."""
-    no_inner = COMMON_ARGS_DOC.split("        inner:")[0] + COMMON_ARGS_DOC[COMMON_ARGS_DOC.index("        seed:"):]
+    sig = inspect.signature(cls.__init__)
+    own = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    shared = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in _allowed(cls).items()]
+    cls.__init__.__signature__ = sig.replace(parameters=own + shared)
+    no_inner = (COMMON_ARGS_DOC.split("        inner:")[0]
+                + COMMON_ARGS_DOC[COMMON_ARGS_DOC.index("        include, exclude:"):])
     doc = cls.__doc__ or ""
     cls.__doc__ = doc.replace("<COMMON_ARGS_NO_INNER>", no_inner.strip("\n")).replace(
         "<COMMON_ARGS>", COMMON_ARGS_DOC.strip("\n"))
