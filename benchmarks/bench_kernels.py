@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 
 import torch
 
+from geomopt import report
 from geomopt.geometry import dispatch, skew_size
 from geomopt.geometry.cayley import cayley_neumann
 from geomopt.geometry.qr import tall_qr
@@ -95,7 +95,8 @@ def _factor_entries(n_blocks: int, b: int, device, g) -> Entries:
 
 
 def cases(args, device: torch.device, dtype: torch.dtype):
-    """(name, shape text, kernel fn, reference fn, compiled reference or None, flops) per case."""
+    """(name, shape text, kernel fn, reference fn, compiled reference or None, flops) per case: the kernel and its
+    providers to compare with (``run`` times each the same way)."""
     from geomopt.kernels import cayley, factor_update, retract, tile_grads, tile_rewrite
 
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -159,23 +160,25 @@ def cases(args, device: torch.device, dtype: torch.dtype):
 
 
 def run(args) -> list[dict]:
+    """One row per case: every provider (the kernel, the eager reference, the compiled one) timed alike, the kernel's
+    speed-up over the others, its achieved rates and error."""
     device = torch.device(args.device)
     name, bw, flops = peaks(device)
     out = []
     for dname in args.dtype:
         peak = flops.get(dname)
         for case, shape, kern, ref, compiled, nflops in cases(args, device, DTYPES[dname]):
-            err = rel(kern(), ref())
+            providers = dict(kernel=kern, eager=ref, compile=compiled if args.compile else None)
+            ms = {k: None if fn is None else timed(fn, device, args.reps).median * 1e3 for k, fn in providers.items()}
             nbytes = launched_bytes(kern)
-            t_k = timed(kern, device, args.reps).median
-            t_e = timed(ref, device, args.reps).median
-            t_c = timed(compiled, device, args.reps).median if compiled is not None and args.compile else None
-            bound = max(nbytes / bw, nflops / peak) / t_k if bw and peak else None
-            out.append(dict(kernel=case, shape=shape, dtype=dname, device=name, kernel_ms=t_k * 1e3,
-                            eager_ms=t_e * 1e3, compile_ms=None if t_c is None else t_c * 1e3, vs_eager=t_e / t_k,
-                            vs_compile=None if t_c is None else t_c / t_k, gbps=nbytes / t_k / 1e9,
-                            tflops=nflops / t_k / 1e12, peak_gbps=None if bw is None else bw / 1e9,
-                            peak_tflops=None if peak is None else peak / 1e12, of_bound=bound, rel_err=err))
+            t = ms["kernel"] / 1e3
+            out.append(dict(kernel=case, shape=shape, dtype=dname, device=name, **{f"{k}_ms": v for k, v in ms.items()},
+                            vs_eager=ms["eager"] / ms["kernel"],
+                            vs_compile=None if ms["compile"] is None else ms["compile"] / ms["kernel"],
+                            gbps=nbytes / t / 1e9, tflops=nflops / t / 1e12, peak_gbps=None if bw is None else bw / 1e9,
+                            peak_tflops=None if peak is None else peak / 1e12,
+                            of_bound=max(nbytes / bw, nflops / peak) / t if bw and peak else None,
+                            rel_err=rel(kern(), ref())))
     return out
 
 
@@ -200,21 +203,19 @@ def step_times(args) -> list[dict]:
     return out
 
 
-def fmt(v, spec):
-    return "n/a" if v is None else format(v, spec)
+def _with_peak(key: str, peak: str, spec: str):
+    return lambda r: f"{format(r[key], spec)} ({'n/a' if r[peak] is None else format(r[peak], '.0f')})"
 
 
-def table(rows: list[dict]) -> str:
-    head = ("| kernel | shape | dtype | kernel ms | eager ms | compile ms | x eager | x compile | GB/s (peak) "
-            "| TFLOP/s (peak) | of bound | rel err |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        lines.append(
-            f"| {r['kernel']} | {r['shape']} | {r['dtype']} | {r['kernel_ms']:.3f} | {r['eager_ms']:.3f} | "
-            f"{fmt(r['compile_ms'], '.3f')} | {r['vs_eager']:.2f} | {fmt(r['vs_compile'], '.2f')} | "
-            f"{r['gbps']:.0f} ({fmt(r['peak_gbps'], '.0f')}) | {r['tflops']:.2f} ({fmt(r['peak_tflops'], '.0f')}) | "
-            f"{fmt(r['of_bound'], '.0%')} | {r['rel_err']:.1e} |")
-    return "\n".join(lines)
+COLUMNS = [report.Column("kernel", "kernel"), report.Column("shape", "shape"), report.Column("dtype", "dtype"),
+           report.Column("kernel ms", "kernel_ms", ".3f"), report.Column("eager ms", "eager_ms", ".3f"),
+           report.Column("compile ms", "compile_ms", ".3f"), report.Column("x eager", "vs_eager", ".2f"),
+           report.Column("x compile", "vs_compile", ".2f"),
+           report.Column("GB/s (peak)", _with_peak("gbps", "peak_gbps", ".0f")),
+           report.Column("TFLOP/s (peak)", _with_peak("tflops", "peak_tflops", ".2f")),
+           report.Column("of bound", "of_bound", ".0%"), report.Column("rel err", "rel_err", ".1e")]
+STEP_COLUMNS = [report.Column("optimizer", "optimizer"), report.Column("weights", "weights"),
+                report.Column("step ms", "step_ms", ".3f"), report.Column("vs fused AdamW", "vs_adamw", ".2f")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", action="store_true", help="also time optimizer.step() against fused AdamW")
     p.add_argument("--step-weights", type=int, default=16, help="weights of --weight squared in the --step runs")
     p.add_argument("--small", action="store_true", help="tiny sizes: a smoke run (CPU under TRITON_INTERPRET=1)")
-    p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--out", help="folder for kernels.json / .md (and step.json / .md with --step)")
     args = p.parse_args(argv)
     if args.small:
         args.block, args.blocks, args.weight, args.group, args.qr_rows, args.qr_cols, args.reps = [16], 4, 64, 2, \
@@ -244,18 +245,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     rows = run(args)
+    info = {k: v for k, v in vars(args).items() if k != "out"}
     print(f"device: {rows[0]['device'] if rows else args.device}; torch {torch.__version__}")
-    print(table(rows))
-    steps = []
+    print(report.write(args.out, "kernels", rows, COLUMNS, info, device=args.device))
     if args.step:
         with dispatch.kernels_on_cpu() if args.device.startswith("cpu") else _enabled():
             steps = step_times(args)
-        print("\n| optimizer | weights | step ms | vs fused AdamW |\n| --- | --- | --- | --- |")
-        for r in steps:
-            print(f"| {r['optimizer']} | {r['weights']} | {r['step_ms']:.3f} | {fmt(r.get('vs_adamw'), '.2f')} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(kernels=rows, steps=steps), f, indent=1)
+        print("\n" + report.write(args.out, "steps", steps, STEP_COLUMNS, info, device=args.device))
     return 0
 
 

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 import geomopt
+from geomopt import report
 
 
 class Drift(NamedTuple):
@@ -117,10 +118,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{' (uncompensated)' if args.lean and args.no_compensate else ''}, "
           f"lr {args.lr}, {args.steps} steps, {len(res.merges)} merges; ||W_end - W_0||_F / ||W_0||_F = "
           f"{res.moved:.3f}")
-    print("| merge | step | max relative singular-value change vs W0, after it |\n| --- | --- | --- |")
-    for m, step, d in res.merges:
-        if m % 10 == 0 or m == 1:
-            print(f"| {m} | {step} | {d:.2e} |")
+    shown = [dict(merge=m, step=step, drift=d) for m, step, d in res.merges if m % 10 == 0 or m == 1]
+    print(report.markdown(shown, [report.Column("merge", "merge"), report.Column("step", "step"),
+                                  report.Column("max relative singular-value change vs W0, after it", "drift", ".2e")]))
     worst = max((d for *_, d in res.merges), default=float("nan"))
     print(f"after merges, max: {worst:.2e}; growth per merge (least-squares slope): {slope(res.merges):.2e}; "
           f"between merges, max: {res.between:.2e}")

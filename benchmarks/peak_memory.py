@@ -17,7 +17,7 @@ import argparse
 
 import torch
 
-from geomopt import bench, registry, step_in_backward
+from geomopt import bench, registry, report, step_in_backward
 from geomopt.data import load_corpus, sample_batch
 
 
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--max-bytes", type=int, default=2_000_000, help="bytes of corpus to read")
     ap.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
     ap.add_argument("--seq-len", type=int, default=None, help="override the preset's sequence length")
+    ap.add_argument("--out", default=None, help="folder for peak_memory.json and peak_memory.md")
     a = ap.parse_args(argv)
     names = a.optimizers.split(",")
     unknown = [n for n in names if n.removesuffix(bench.IN_BACKWARD) not in registry.REGISTRY]
@@ -86,12 +87,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in names:
         rows.append(dict(optimizer=name, peak_bytes=measure(name, args, a.steps, train_tokens)))
     ref = next((r["peak_bytes"] for r in rows if r["optimizer"] == "adamw"), None)
-    print(f"preset {a.preset}, batch {args.batch} x {args.seq_len}, {a.steps} steps, {a.device}: peak tensor memory")
-    print("| optimizer | peak | vs adamw |")
-    print("| --- | --- | --- |")
     for r in rows:
-        ratio = f"{r['peak_bytes'] / ref:.2f}x" if ref else "-"
-        print(f"| {r['optimizer']} | {r['peak_bytes'] / 2**20:.1f} MiB | {ratio} |")
+        r["vs_adamw"] = report.ratio(r["peak_bytes"], ref)
+    print(f"preset {a.preset}, batch {args.batch} x {args.seq_len}, {a.steps} steps, {a.device}: peak tensor memory")
+    columns = [report.Column("optimizer", "optimizer"),
+               report.Column("peak", lambda r: f"{r['peak_bytes'] / 2**20:.1f} MiB"),
+               report.Column("vs adamw", "vs_adamw")]
+    print(report.write(a.out, "peak_memory", rows, columns, dict(vars(a)), device=a.device))
     return rows
 
 

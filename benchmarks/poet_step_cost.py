@@ -17,7 +17,7 @@ import json
 
 import torch
 
-from geomopt import POET
+from geomopt import POET, report
 from geomopt.timing import timed
 
 DEFAULT_SIZES = "256x256x16,512x512x16,512x512x32,1024x1024x32,1024x1024x64,2048x1024x64,2048x2048x64"
@@ -65,6 +65,12 @@ def fit(xs: list[float], ts: list[float]) -> tuple[float, float, float]:
     return t0, c, r2
 
 
+COLUMNS = [report.Column("m", "m"), report.Column("n", "n"), report.Column("b", "b"),
+           report.Column("m n b", "mnb", ".3g"), report.Column("step ms", "ms", ".2f"),
+           report.Column("fit ms", "fit_ms", ".2f"),
+           report.Column("residual", "residual", "+.1%")]
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default=DEFAULT_SIZES, help="comma-separated MxNxB (default: %(default)s)")
@@ -83,13 +89,10 @@ def main(argv: list[str] | None = None) -> dict:
     t0, c, r2 = fit([q["mnb"] for q in points], [q["ms"] for q in points])
     print(f"POET step ({'lean' if a.lean else 'paper'} mode, {a.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads)")
-    print("| m | n | b | m n b | step ms | fit ms | residual |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
     for q in points:
-        pred = t0 + c * q["mnb"]
-        q["fit_ms"] = pred
-        print(f"| {q['m']} | {q['n']} | {q['b']} | {q['mnb']:.3g} | {q['ms']:.2f} | {pred:.2f} | "
-              f"{(q['ms'] - pred) / q['ms']:+.1%} |")
+        q["fit_ms"] = t0 + c * q["mnb"]
+        q["residual"] = (q["ms"] - q["fit_ms"]) / q["ms"]
+    print(report.markdown(points, COLUMNS))
     print(f"fit: t = {t0:.3f} ms + {c * 1e9:.3f} ms per 1e9 (m n b); R^2 = {r2:.4f}")
     # the rotations also copy W (and paper mode rebuilds it from W0): a term in m n that b does not multiply
     (u0, a_mn, c_mnb), r2_two = lstsq([[q["m"] * q["n"] for q in points], [q["mnb"] for q in points]],

@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from geomopt import POET, ReLoRAReset, bench
+from geomopt import POET, ReLoRAReset, bench, report
 from geomopt.bench_report import state_bytes
 
 
@@ -34,6 +34,14 @@ def one_step_state(make, model: torch.nn.Module) -> tuple[dict[int, int], set[in
     return out, factorized
 
 
+COLUMNS = [report.Column("weight (m x n)", lambda r: f"{r['m']} x {r['n']}"), report.Column("AdamW", "adamw"),
+           report.Column("ReLoRA", "relora"), report.Column("of it A, B, moments", "factors"),
+           report.Column("ReLoRA / AdamW", lambda r: r["relora"] / r["adamw"], ".5f"),
+           report.Column("bound 3r(m+n)/(2mn)", "bound", ".5f"),
+           report.Column("POET lean / AdamW", lambda r: r["lean"] / r["adamw"], ".4f"),
+           report.Column("POET paper / AdamW", lambda r: r["paper"] / r["adamw"], ".4f")]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="small", choices=sorted(bench.PRESETS))
@@ -49,9 +57,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     names = {id(p): n for n, p in model.named_parameters()}
     rows, seen = [], set()
     print(f"preset {a.preset}, ReLoRA rank {r}, POET block {a.block_size}; bytes per weight after one step")
-    print("| weight (m x n) | AdamW | ReLoRA | of it A, B, moments | ReLoRA / AdamW | bound 3r(m+n)/(2mn) | "
-          "POET lean / AdamW | POET paper / AdamW |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for p in model.parameters():
         m, n = p.shape if p.dim() == 2 else (0, 0)
         if id(p) not in routed or (m, n) in seen:  # AdamW-routed tensors have the same state in every run
@@ -61,8 +66,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row = dict(weight=names[id(p)], m=m, n=n, adamw=adamw[id(p)], relora=relora[id(p)], factors=factors,
                    bound=3 * r * (m + n) / (2 * m * n), lean=lean[id(p)], paper=paper[id(p)])
         rows.append(row)
-        print(f"| {m} x {n} | {row['adamw']} | {row['relora']} | {factors} | {row['relora'] / row['adamw']:.5f} | "
-              f"{row['bound']:.5f} | {row['lean'] / row['adamw']:.4f} | {row['paper'] / row['adamw']:.4f} |")
+    print(report.markdown(rows, COLUMNS))
     return rows
 
 

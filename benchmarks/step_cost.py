@@ -33,17 +33,15 @@ Each optimizer is built on the preset's model (``geomopt-bench``'s presets and c
 steps (its state exists), then one plain step and one step that merges (POET) or resets (ReLoRA) are metered,
 and the same two steps of the next cycle timed;
 ``--cycle`` sets the merge / reset interval so that the second measured step is a cycle's last. The gradients
-come from real batches of the embedded corpus. JSON (``step_cost.json``) and Markdown (``step_cost.md``) go to
-``--out``.
+come from real batches of the embedded corpus. The rows go to ``--out`` as ``step_cost.json`` and ``step_cost.md``
+(``geomopt.report``).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
-import platform
 from collections import Counter
 from typing import Any, Callable
 
@@ -51,7 +49,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from geomopt import bench, registry
+from geomopt import bench, registry, report
 from geomopt.data import load_corpus, sample_batch
 from geomopt.geometry import dispatch
 from geomopt.optim import FactorOptimizer
@@ -199,31 +197,38 @@ def measure(name: str, args: argparse.Namespace, train: torch.Tensor, cycle: int
     return out
 
 
-def table(results: dict[str, dict[str, Any]], baseline: str = "adamw-fused") -> str:
+def rows_of(results: dict[str, dict[str, Any]], baseline: str = "adamw-fused") -> list[dict[str, Any]]:
+    """One row per optimizer and step kind, with the ratios the table shows."""
     base = results.get(baseline)
-    head = ("| optimizer | step | ops | launches (per weight shape) | of which kernels | bytes / parameter bytes | "
-            "bytes vs fused AdamW | host syncs | wall ms |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    rows = [head]
+    out = []
     for name, res in results.items():
         for kind in ("plain", "merge"):
             r = res[kind]
-            ratio = r["bytes"] / res["param_bytes"]
-            vs = f"{r['bytes'] / base[kind]['bytes']:.2f}x" if base else "-"
-            wall = "n/a" if r["wall_ms"] is None else f"{r['wall_ms']:.1f}"
-            per = f"{r['launches']} ({r['launches'] / res['shapes']:.1f})" if res["shapes"] else str(r["launches"])
-            rows.append(f"| {name} | {kind} | {r['ops']} | {per} | {r['kernels']} | {ratio:.2f} | {vs} | {r['syncs']} "
-                        f"| {wall} |")
-    return "\n".join(rows)
+            out.append(dict(optimizer=name, step=kind, **{k: v for k, v in r.items()}, shapes=res["shapes"],
+                            bytes_per_param=r["bytes"] / res["param_bytes"],
+                            vs_baseline=report.ratio(r["bytes"], base[kind]["bytes"] if base else None)))
+    return out
+
+
+def _launches(r: dict[str, Any]) -> str:
+    return f"{r['launches']} ({r['launches'] / r['shapes']:.1f})" if r["shapes"] else str(r["launches"])
+
+
+COLUMNS = [report.Column("optimizer", "optimizer"), report.Column("step", "step"), report.Column("ops", "ops"),
+           report.Column("launches (per weight shape)", _launches), report.Column("of which kernels", "kernels"),
+           report.Column("bytes / parameter bytes", "bytes_per_param", ".2f"),
+           report.Column("bytes vs fused AdamW", "vs_baseline"), report.Column("host syncs", "syncs"),
+           report.Column("wall ms", "wall_ms", ".1f")]
 
 
 def bytes_table(results: dict[str, dict[str, Any]], kind: str = "plain", top: int = 4) -> str:
     """Where each optimizer's bytes go on a ``kind`` step: its ``top`` aten ops by bytes moved, each as a multiple
     of the parameters' bytes."""
-    rows = ["| optimizer | bytes / parameter bytes, by aten op (largest first) |", "| --- | --- |"]
-    for name, res in results.items():
-        parts = [f"{op} {moved / res['param_bytes']:.1f}" for op, moved in res[kind]["top_bytes"][:top]]
-        rows.append(f"| {name} | {', '.join(parts)} |")
-    return "\n".join(rows)
+    rows = [dict(optimizer=name, split=", ".join(f"{op} {moved / res['param_bytes']:.1f}"
+                                                 for op, moved in res[kind]["top_bytes"][:top]))
+            for name, res in results.items()]
+    return report.markdown(rows, [report.Column("optimizer", "optimizer"),
+                                  report.Column("bytes / parameter bytes, by aten op (largest first)", "split")])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -252,16 +257,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train, _ = load_corpus(2_000_000)
     results = {name: measure(name, args, train, a.cycle) for name in a.optimizers.split(",")}
     info = dict(preset=a.preset, layers=args.layers, cycle=a.cycle, block_size=a.block_size, rank=a.rank,
-                device=a.device, kernels=a.kernels, torch=torch.__version__, machine=platform.machine(),
-                threads=torch.get_num_threads())
-    text = f"{table(results)}\n\nWhere the bytes of a plain step go:\n\n{bytes_table(results)}"
-    print(f"step cost, preset {a.preset} ({args.layers} layers), {a.device}, torch {torch.__version__}\n\n{text}")
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "step_cost.json"), "w") as f:
-            json.dump(dict(info=info, results=results), f, indent=1)
-        with open(os.path.join(a.out, "step_cost.md"), "w") as f:
-            f.write(text + "\n")
+                device=a.device, kernels=a.kernels)
+    notes = f"Where the bytes of a plain step go:\n\n{bytes_table(results)}"
+    text = report.write(a.out, "step_cost", rows_of(results), COLUMNS, info, notes, a.device)
+    print(f"step cost, preset {a.preset} ({args.layers} layers), {a.device}, torch {torch.__version__}\n\n{text}\n\n"
+          f"{notes}")
     return dict(info=info, results=results)
 
 

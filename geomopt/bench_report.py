@@ -1,11 +1,14 @@
-"""What ``geomopt-bench`` measures about an optimizer, and how it writes the results (table, plot)."""
+"""What ``geomopt-bench`` measures about an optimizer, and how it shows the results (its table, in
+``geomopt.report``'s columns, and its plot)."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from .report import Column, markdown
 
 
 def trainable_count(opt: torch.optim.Optimizer) -> int:
@@ -44,25 +47,30 @@ def table(rows: list[dict[str, Any]]) -> str:
     """The Markdown table of the rows; ratios are to the adamw row (torch's fused AdamW) when there is one."""
     base = next((r for r in rows if r["optimizer"] == "adamw"), None)
 
-    def ratio(r, key):
-        return f" ({r[key] / base[key]:.2f}x)" if base and base.get(key) and r.get(key) is not None else ""
+    def with_ratio(key: str, text: Callable[[dict[str, Any]], str]) -> Callable[[dict[str, Any]], str]:
+        def cell(r: dict[str, Any]) -> str:
+            ok = base and base.get(key) and r.get(key) is not None
+            return text(r) + (f" ({r[key] / base[key]:.2f}x)" if ok else "")
+        return cell
 
-    mem = "peak CUDA memory" if rows and peak_key(rows[0]) == "peak_cuda_bytes" else "peak RSS"
-    head = (f"| optimizer | lr | val loss | val ppl | tokens/s | step ms | optimizer state | {mem} "
-            "| trainable | merges (early) / resets | spectrum drift |\n" + "| --- " * 11 + "|")
-    lines = [head]
-    for r in rows:
+    def merges(r: dict[str, Any]) -> str:
         st = r.get("stats") or {}
-        merges = (f"{st['merges']} ({st['early_merges']})" if "merges" in st else
-                  f"{st['resets']} resets" if "resets" in st else "-")
-        pk = peak_key(r)
-        lines.append(
-            f"| {r['optimizer']} | {r['lr']:g} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | "
-            f"{r['tokens_per_s']:.0f}{ratio(r, 'tokens_per_s')} | {_ms(r)}{ratio(r, 'step_ms')} | "
-            f"{r['state_bytes'] / 2**20:.2f} MiB{ratio(r, 'state_bytes')} | "
-            f"{r[pk] / 2**20:.0f} MiB{ratio(r, pk)} | {_count(r['trainable'])}{ratio(r, 'trainable')} | {merges} | "
-            f"{'-' if r['spectrum_drift'] is None else format(r['spectrum_drift'], '.1e')} |")
-    return "\n".join(lines)
+        return (f"{st['merges']} ({st['early_merges']})" if "merges" in st else
+                f"{st['resets']} resets" if "resets" in st else "-")
+
+    pk = peak_key(rows[0]) if rows else "peak_rss_bytes"
+    columns = [
+        Column("optimizer", "optimizer"), Column("lr", "lr", "g"), Column("val loss", "val_loss", ".4f"),
+        Column("val ppl", "val_ppl", ".2f"), Column("tokens/s", with_ratio("tokens_per_s",
+                                                                            lambda r: f"{r['tokens_per_s']:.0f}")),
+        Column("step ms", with_ratio("step_ms", _ms)),
+        Column("optimizer state", with_ratio("state_bytes", lambda r: f"{r['state_bytes'] / 2**20:.2f} MiB")),
+        Column("peak CUDA memory" if pk == "peak_cuda_bytes" else "peak RSS",
+               with_ratio(pk, lambda r: f"{r[peak_key(r)] / 2**20:.0f} MiB")),
+        Column("trainable", with_ratio("trainable", lambda r: _count(r["trainable"]))),
+        Column("merges (early) / resets", merges),
+        Column("spectrum drift", lambda r: "-" if r["spectrum_drift"] is None else format(r["spectrum_drift"], ".1e"))]
+    return markdown(rows, columns)
 
 
 COLUMNS = """Columns. val loss: the validation loss at the end, in nats per byte of the held-out part of the corpus;

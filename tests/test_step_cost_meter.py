@@ -48,7 +48,9 @@ def test_a_tiny_preset_reports_every_optimizer_and_step_kind(tmp_path):
     res = step_cost.main(["--preset", "tiny", "--optimizers", "adamw-fused,poet,relora", "--cycle", "3",
                           "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "step_cost.json").read_text())
-    assert set(saved["results"]) == {"adamw-fused", "poet", "relora"} == set(res["results"])
+    assert {(r["optimizer"], r["step"]) for r in saved["rows"]} == {
+        (name, kind) for name in ("adamw-fused", "poet", "relora") for kind in ("plain", "merge")}
+    assert set(res["results"]) == {"adamw-fused", "poet", "relora"} and saved["info"]["preset"] == "tiny"
     for r in res["results"].values():
         assert r["plain"]["ops"] > 0 and r["merge"]["ops"] >= r["plain"]["ops"] * 0.5
     text = (tmp_path / "step_cost.md").read_text()
