@@ -9,20 +9,20 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 from grow_models import llama  # noqa: E402
+from optim_table import methods  # noqa: E402
 
 import geomopt  # noqa: E402
 from geomopt.data import load_corpus, sample_batch  # noqa: E402
 
+METHODS = methods(3, block_size=8, rank=4, alpha=8)  # one optimizer per method of the registry
 MAKERS = {
-    "poet": lambda m: geomopt.POET(m, lr=1e-2, block_size=8, merge_every=3),
+    **METHODS,
     # one process with the row permutation scope of a 2-rank FSDP2 run (row blocks inside each half)
-    "poet-rows2": lambda m: geomopt.POET(m, lr=1e-2, block_size=8, merge_every=3, row_shards=2),
+    "poet-rows2": lambda m: METHODS["poet"](m, row_shards=2),
     # the multi-tensor path: the weights of one shape stepped together
-    "poet-grouped": lambda m: geomopt.POET(m, lr=1e-2, block_size=8, merge_every=3, foreach=True),
+    "poet-grouped": lambda m: METHODS["poet"](m, foreach=True),
     # lean mode on bf16 weights, with its rounding buffer (the FSDP2 test builds the model in bf16)
-    "poet-lean-bf16": lambda m: geomopt.POET(m, lr=1e-2, block_size=8, merge_every=3, store_base=False),
-    "relora": lambda m: geomopt.ReLoRAReset(m, lr=1e-2, rank=4, alpha=8, reset_every=3),
-    "dlra": lambda m: geomopt.DLRAMomentum(m, lr=3e-3, rank=4, method="adam"),
+    "poet-lean-bf16": lambda m: METHODS["poet"](m, store_base=False),
 }
 
 

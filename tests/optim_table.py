@@ -3,6 +3,7 @@ test_contract, test_step_guarantees), as torch's own optimizers go through ``Opt
 test/test_optim.py. The table wraps ``geomopt.registry``: every registered geomopt optimizer is an entry (with the
 spec's ``test_kwargs``), so a new one is tested without touching this file; ``EXTRA`` adds variants that only the
 tests need."""
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -99,3 +100,26 @@ EXTRA = {
 
 CONFIGS = _Table({**from_registry(), **EXTRA})
 IDS = list(CONFIGS)
+
+
+def methods(cycle: int, **settings) -> dict:
+    """One optimizer per method of the registry (its first registered variant: poet, relora, dlra, ...), as
+    ``name -> (model -> optimizer)``, for the tests that train a model with each method: the spec's test settings,
+    the merge / reset interval ``cycle``, and those of ``settings`` the class takes (``block_size=8``, ``rank=4`` ...;
+    one that no method takes is refused, so a typo does not go unnoticed)."""
+    first: dict = {}
+    for spec in registry.REGISTRY.values():
+        if issubclass(spec.cls, geomopt.FactorOptimizer):
+            first.setdefault(spec.cls, spec)
+    takes = {cls: set(inspect.signature(cls).parameters) for cls in first}
+    unused = set(settings) - set().union(*takes.values())
+    if unused:
+        raise TypeError(f"no method takes {sorted(unused)}")
+
+    def maker(spec):
+        fixed = {**spec.test_kwargs, **{k: v for k, v in settings.items() if k in takes[spec.cls]}}
+        if spec.cls.CYCLE_SETTING:
+            fixed[spec.cls.CYCLE_SETTING] = cycle
+        return lambda model, **over: spec.build(model, **{**fixed, **over})
+
+    return {spec.name: maker(spec) for spec in first.values()}

@@ -3,17 +3,13 @@ rewrites cause no graph break and no recompilation in the model's graph (the ste
 import pytest
 import torch
 from grow_models import llama
+from optim_table import methods
 
-import geomopt
 from geomopt.data import load_corpus, sample_batch
 
 dynamo = pytest.importorskip("torch._dynamo")
 
-MAKERS = {
-    "poet": lambda m: geomopt.POET(m, lr=1e-2, block_size=8, merge_every=3),
-    "relora": lambda m: geomopt.ReLoRAReset(m, lr=1e-2, rank=4, alpha=8, reset_every=3),
-    "dlra": lambda m: geomopt.DLRAMomentum(m, lr=3e-3, rank=4, method="adam"),
-}
+MAKERS = methods(3, block_size=8, rank=4, alpha=8)
 
 
 # inductor (what users get by default) for POET, about 25 s of compilation on 2 cores; aot_eager (the same

@@ -3,18 +3,15 @@
 import pytest
 import torch
 from grow_models import llama, max_err
+from optim_table import methods
 
 import geomopt
 import geomopt.grow as grow
 from geomopt.data import load_corpus, sample_batch
 from geomopt.geometry.lowrank import check_point
 
-OPTIMIZERS = {
-    "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3),
-    "poet": lambda m: geomopt.POET(m, lr=1e-2, block_size=8, merge_every=10),
-    "relora": lambda m: geomopt.ReLoRAReset(m, lr=1e-2, rank=4, alpha=8, reset_every=15),
-    "dlra": lambda m: geomopt.DLRAMomentum(m, lr=3e-3, rank=6, method="adam"),
-}
+OPTIMIZERS = {"adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3),
+              **methods(10, block_size=8, rank=6, alpha=12)}
 GROW = dict(mlp_width=64, heads=6, head_dim=10, hidden=48, add_layers=[1])
 
 

@@ -13,8 +13,8 @@ import worker  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from grow_models import llama  # noqa: E402
+from optim_table import methods  # noqa: E402
 
-import geomopt  # noqa: E402
 from geomopt.data import load_corpus, sample_batch  # noqa: E402
 
 state_dict_mod = pytest.importorskip("torch.distributed.checkpoint.state_dict")
@@ -34,11 +34,7 @@ def test_the_distributed_checkpoint_init_step_leaves_the_run_bit_identical(name)
     assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), primed.parameters()))
 
 
-MAKERS = {
-    "poet": lambda m: geomopt.POET(m, lr=3e-3, block_size=8, merge_every=50),
-    "relora": lambda m: geomopt.ReLoRAReset(m, lr=3e-3, rank=4, alpha=4, reset_every=50, restart_warmup_steps=5),
-    "dlra": lambda m: geomopt.DLRAMomentum(m, lr=3e-3, rank=8, method="adam"),
-}
+MAKERS = methods(50, lr=3e-3, block_size=8, rank=8, alpha=8, restart_warmup_steps=5)
 
 
 @pytest.mark.parametrize("name", list(MAKERS))

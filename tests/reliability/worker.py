@@ -12,14 +12,14 @@ import sys
 import torch
 from torch import nn
 
-import geomopt
-from geomopt.checkpoint import load_checkpoint, save_checkpoint
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from optim_table import methods  # noqa: E402
 
-MAKERS = {  # small cycles, so that the resume points land before, on and after a merge / reset
-    "poet": lambda m: geomopt.POET(m, lr=1e-2, block_size=8, merge_every=5),
-    "relora": lambda m: geomopt.ReLoRAReset(m, lr=1e-2, rank=3, alpha=6, reset_every=5, restart_warmup_steps=2),
-    "dlra": lambda m: geomopt.DLRAMomentum(m, lr=3e-3, rank=3, method="adam"),
-}
+from geomopt.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+
+# one optimizer per method of the registry; small cycles, so that the resume points land before, on and after a
+# merge / reset
+MAKERS = methods(5, block_size=8, rank=3, alpha=6, restart_warmup_steps=2)
 
 
 def make_model():
