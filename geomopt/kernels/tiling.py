@@ -1,17 +1,20 @@
-"""What every kernel launcher of ``geomopt.kernels`` shares: tile sizes, the precision of fp32 products, tables of
+"""What the kernels of ``geomopt.kernels`` share: on the host, tile sizes, the precision of fp32 products, tables of
 host numbers (pointers, offsets) on the device, and the launch itself (noted for ``dispatch.record_launches`` and
-run outside any torch dispatch mode, since Triton's interpreter moves its arguments with torch calls)."""
+run outside any torch dispatch mode, since Triton's interpreter moves its arguments with torch calls); in the
+kernels, the tile product (``dot``) and the bit patterns of the row checksums (``bits``)."""
 from __future__ import annotations
 
 import os
 from typing import Any, Sequence
 
 import torch
+import triton
+import triton.language as tl
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ..geometry.dispatch import note_launch
 
-__all__ = ["pow2", "warps", "precision", "table", "pointers", "launch", "INTERPRETED"]
+__all__ = ["pow2", "warps", "precision", "table", "pointers", "launch", "dot", "bits", "INTERPRETED"]
 
 #: whether the kernels run under Triton's interpreter (on the CPU, for the tests)
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -63,3 +66,19 @@ def launch(name: str, kernel: Any, grid: tuple[int, ...], touched: Sequence[torc
         return
     with _disable_current_modes():
         kernel[grid](*args, **meta)
+
+
+@triton.jit
+def dot(a, b, WIDE: tl.constexpr, PREC: tl.constexpr):
+    """a @ b accumulated in fp32; ``WIDE``: the operands converted to fp32 first (see ``tile_grads.wide``)."""
+    if WIDE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def bits(x, BITS: tl.constexpr):
+    """The entries' bit patterns as int32, as the row checksums read them (16-bit ones sign-extended)."""
+    if BITS == 32:
+        return x.to(tl.int32, bitcast=True)
+    return x.to(tl.int16, bitcast=True).to(tl.int32)

@@ -24,11 +24,11 @@ from torch.optim import Optimizer
 from ..grow.resize import pad_like
 from . import state as layout
 from .checks import check_hyper, check_number, check_param, dense_hyper
-from .edits import Fingerprints
 from .functional import adam_state, choose_impl, fused_supported, prepared_adam
-from .guard import HeldInterrupt, Retry, plain_mode
+from .guard import plain_mode
 from .inner import inner_rule
 from .loading import checked_groups
+from .pickling import Pickling
 from .route_table import RoutingTable, route_log, routing_table
 from .routing import build_param_groups, is_factorized, warn_if_nothing_routed
 from .sharded import gather, is_dtensor, local_state, scatter, to_local
@@ -39,7 +39,7 @@ __all__ = ["FactorOptimizer", "GroupPlan", "NONFINITE_POLICIES", "EDIT_POLICIES"
 NONFINITE_POLICIES = ("skip", "raise")
 EDIT_POLICIES = ("rebase", "raise")
 
-class FactorOptimizer(StepPlanning, Optimizer):
+class FactorOptimizer(StepPlanning, Pickling, Optimizer):
     """Base class. A subclass declares ``STATE_MARKER`` (a key only its factor state has), ``STRUCTURAL`` (group
     keys whose change rebuilds a weight's factors) and ``FIXED`` (keys that cannot change once a weight has
     state), and implements ``_init_factor_state``, ``_factor_step``, ``_state_layout``, ``_rebuild``,
@@ -62,8 +62,7 @@ class FactorOptimizer(StepPlanning, Optimizer):
     KEEPS_RANK = False
     #: the state entries a factorized weight trains in its place (tensors or lists of them)
     TRAINED_KEYS: tuple[str, ...] = ()
-    #: whether the factors have an inner optimizer (``inner``, ``inner_kwargs``)
-    INNER_RULE = True
+    INNER_RULE = True  #: whether the factors have an inner optimizer (``inner``, ``inner_kwargs``)
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, inner: type | None = torch.optim.AdamW,
                  inner_kwargs: dict[str, Any] | None = None, seed: int = 0, nonfinite: str = "skip",
@@ -93,41 +92,6 @@ class FactorOptimizer(StepPlanning, Optimizer):
     def __repr__(self) -> str:
         first, _, rest = super().__repr__().partition("\n")
         return f"{first}\n{self.routing().summary()}\n{rest}"
-
-    def _init_runtime(self) -> None:
-        """What lives only in this process (not pickled, not in the state_dict)."""
-        self._edits = Fingerprints()
-        self._retry = Retry()
-        self._interrupts = HeldInterrupt()
-        self._committed: list[torch.Tensor] = []
-        self._origin: dict[int, torch.Tensor] = {}
-        self._step_checks: frozenset = frozenset()  # ids whose checks the step makes itself (``_checks_in_step``)
-
-    # ------------------------------------------------------------------ pickling and deepcopy
-    def __getstate__(self) -> dict[str, Any]:
-        out = super().__getstate__()
-        out["_geomopt"] = dict(seed=self._seed, nonfinite=self.nonfinite, external_edits=self.external_edits,
-                               inner=self._inner, routes=getattr(self, "_routes", None))
-        return out
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Unpickling, and torch's ``load_state_dict`` (which calls this with state and groups only: then the
-        configuration stays as it is)."""
-        conf = state.pop("_geomopt", None)
-        super().__setstate__(state)
-        if conf is None and hasattr(self, "_edits"):
-            return
-        conf = conf or {}  # a pickle of an older version: the defaults
-        self._seed = conf.get("seed", 0)
-        self.nonfinite = conf.get("nonfinite", "skip")
-        self.external_edits = conf.get("external_edits", "rebase")
-        self._inner = conf["inner"] if "inner" in conf else inner_rule(torch.optim.AdamW, None)
-        self._routes = conf.get("routes")
-        self._building = False
-        for k, v in self.defaults.items():  # groups of an older pickle take the flags' defaults
-            for group in self.param_groups:
-                group.setdefault(k, v)
-        self._init_runtime()
 
     # ------------------------------------------------------------------ groups and arguments
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..tiling import bits
+
 
 @triton.jit
 def _seg(segs, s):
@@ -76,10 +78,6 @@ def _tile_rewrite_kernel(tab, x_stride, src_stride, order_r, order_c, segs_r, se
         if CHECKSUM:
             if not write:  # a tile lean mode leaves: the weight as it is (its source)
                 low = src.to(X_TY)
-            if X_BITS == 32:
-                bits = low.to(tl.int32, bitcast=True)
-            else:
-                bits = low.to(tl.int16, bitcast=True).to(tl.int32)
             pr = tl.load(probe_ptr + cols, mask=cc < lj, other=0)
-            tl.atomic_add(sums_ptr + w * m + rows, tl.sum(tl.where(inside, bits * pr[None, :], 0), axis=1),
+            tl.atomic_add(sums_ptr + w * m + rows, tl.sum(tl.where(inside, bits(low, X_BITS) * pr[None, :], 0), axis=1),
                           mask=rr < li)
