@@ -22,6 +22,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..grow.resize import pad_like
+from ..nn.lowrank import lowrank_role
 from . import state as layout
 from .checks import check_hyper, check_number, check_param, dense_hyper
 from .functional import adam_state, choose_impl, fused_supported, prepared_adam
@@ -103,11 +104,22 @@ class FactorOptimizer(StepPlanning, Pickling, Optimizer):
             check_param(p)
         merged = {**self.defaults, **group, "params": tensors}
         check_hyper(merged, self.CAPTURABLE)
+        meta = self._group_meta(merged, tensors)  # a LowRankLinear the method cannot step is the first error
         self._check_group(merged, [p for p in tensors if is_factorized(p, merged)])
+        group.update(meta)
         super().add_param_group(group)
 
     def _check_group(self, group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
         """Validate a group's method options; raise ValueError/TypeError naming argument and value."""
+
+    def _group_meta(self, group: dict[str, Any], tensors: list[torch.Tensor]) -> dict[str, Any]:
+        """Keys a new group takes from its parameters (none here). A method that needs dense weights refuses the
+        factors of a ``geomopt.nn.LowRankLinear`` routed to it."""
+        if any(lowrank_role(p) for p in tensors if is_factorized(p, group)):
+            raise TypeError(f"{type(self).__name__} steps dense weights, and a LowRankLinear holds none: only "
+                            "DLRAMomentum steps its factors (U, S, V); use it, turn the layer back into an nn.Linear "
+                            "(to_linear), or put its factors in a param group with factorize=False")
+        return {}
 
     def _param_seed(self, index: int) -> int:
         return layout.mix_seed(self._seed, index, 0x632BE59BD9B4E019)
@@ -124,6 +136,11 @@ class FactorOptimizer(StepPlanning, Pickling, Optimizer):
 
     def _is_factor_state(self, st: dict[str, Any]) -> bool:
         return self.STATE_MARKER in st
+
+    def _rewrites(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        """Whether the method rewrites factorized ``p`` from factors it keeps (what ``_overwrites`` says of a group,
+        per weight; a tensor that is itself a factor is not)."""
+        return True
 
     def _overwrites(self, group: dict[str, Any]) -> bool:
         """Whether the method rewrites a weight from its factors (then edits from outside must be detected)."""
@@ -194,7 +211,7 @@ class FactorOptimizer(StepPlanning, Pickling, Optimizer):
             self._origin = {}
             if self._overwrites(group):
                 done = [p for p in self._committed[start:] if is_factorized(p, group) and id(p) not in
-                        self._edits.fresh]
+                        self._edits.fresh and self._rewrites(p, group)]
                 with contextlib.suppress(Exception):  # a missing fingerprint only means "trust the weight"
                     self._edits.record(done, self._together(group, done))
 

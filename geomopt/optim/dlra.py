@@ -10,10 +10,12 @@ import torch
 from ..geometry.lowrank import retract, stabilize, tangent_project, transport
 from ..geometry.qr import tall_qr
 from ..grow.resize import old_mask, pad_dim
+from ..nn.lowrank import lowrank_role
 from . import state as layout
 from .base import FactorOptimizer
 from .batching import dense_stack, key_runs
 from .checks import check_number, check_rank
+from .dlra_layers import FactoredLayers
 from .sharded import all_reduce, like, row_shard, to_local, tsqr
 from .shared_args import base_args, common_args, group_defaults, shared_args
 from .state import factor_dtype
@@ -29,7 +31,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 @shared_args
-class DLRAMomentum(FactorOptimizer):
+class DLRAMomentum(FactoredLayers, FactorOptimizer):
     r"""Momentum on the fixed-rank manifold (Schotthöfer, Klein, Kusch, arXiv 2506.17475).
 
     Every routed weight is held as :math:`W = U S V^\top` (U, V orthonormal, rank r), initialized from
@@ -98,7 +100,7 @@ class DLRAMomentum(FactorOptimizer):
         return True  # W is rewritten as U S V^T
 
     def _check_group(self, group: dict[str, Any], factorized: list[torch.Tensor]) -> None:
-        check_rank(group, factorized)
+        check_rank(group, [p for p in factorized if lowrank_role(p) is None])  # a layer's factors: its own rank
         if group["method"] not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {group['method']!r}")
         for key in ("momentum", "beta2"):
@@ -119,8 +121,12 @@ class DLRAMomentum(FactorOptimizer):
         """Row-sharded weights keep U's rows local (V, S replicated); see ``geometry.lowrank``."""
         return row_shard(p) is not None
 
+    def _is_factor_state(self, st: dict[str, Any]) -> bool:
+        return "U" in st or "factored" in st  # a dense weight's factors, or a LowRankLinear's factor
+
     def _init_factor_state(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
-        self.state[p].update(self._factors_of(p, group["rank"], group["method"]))
+        part = self._part_state(p, group)
+        self.state[p].update(part if part is not None else self._factors_of(p, group["rank"], group["method"]))
 
     def _factors_of(self, p: torch.Tensor, r: int, method: str) -> dict[str, Any]:
         """U, S, V of the truncated SVD of the weight as it is, zero momentum, step 0."""
@@ -175,7 +181,8 @@ class DLRAMomentum(FactorOptimizer):
     def _rebuild(self, p: torch.Tensor, group: dict[str, Any], st: dict[str, Any]) -> None:
         """A new ``method``: the momentum of the other method means something else, so it restarts at zero."""
         st.pop("exp_avg_sq", None)
-        st.update(self._zero_momentum(st, group["method"], row_shard(p)))
+        part = self._part_state(p, group)
+        st.update(part if part is not None else self._zero_momentum(st, group["method"], row_shard(p)))
 
     def _rebase(self, p: torch.Tensor, group: dict[str, Any], st: dict[str, Any]) -> None:
         """The weight changed outside the optimizer: factors of the weight as it is, at the current rank (the next
@@ -184,6 +191,9 @@ class DLRAMomentum(FactorOptimizer):
         st.update(self._factors_of(p, st["S"].shape[0], group["method"]))
 
     def _state_layout(self, p: torch.Tensor, group: dict[str, Any], st: dict[str, Any]) -> dict[str, Any]:
+        part = self._part_layout(p, group)
+        if part is not None:
+            return part
         m, n = p.shape
         s = st.get("S")
         r = s.shape[0] if isinstance(s, torch.Tensor) and s.dim() == 2 else group["rank"]
@@ -199,7 +209,13 @@ class DLRAMomentum(FactorOptimizer):
                      lr: float) -> None:
         """Weight by weight, or on the multi-tensor path (``_together``) the weights of one shape, dtype, rank
         and step count stacked (``_step_many``: one batched call per stage); rank adaptivity (``rank_tol``) and
-        row-sharded weights step alone."""
+        row-sharded weights step alone; the factors of ``LowRankLinear`` layers three by three (``_step_layers``)."""
+        layers = self._layers(group)
+        if layers:
+            self._step_layers(group, {id(p): g for p, g in zip(params, grads) if id(p) in layers}, lr)
+            pairs = [(p, g) for p, g in zip(params, grads) if id(p) not in layers]
+            params, grads = [p for p, _ in pairs], [g for _, g in pairs]
+
         def key(i: int) -> Any:
             p, st = params[i], self.state[params[i]]
             if group["rank_tol"] is not None or row_shard(p) is not None:
@@ -299,6 +315,6 @@ class DLRAMomentum(FactorOptimizer):
 
     @property
     def ranks(self) -> list[int]:
-        """Current rank of every factorized weight, in parameter order."""
+        """Current rank of every factorized weight, in parameter order, then of every ``LowRankLinear``."""
         return [st["S"].shape[0] for g in self.param_groups for p in g["params"]
-                if (st := self.state.get(p)) and "S" in st]
+                if (st := self.state.get(p)) and "S" in st] + self._layer_ranks()

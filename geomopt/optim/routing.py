@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..nn.lowrank import lowrank_role
+
 __all__ = ["EXCLUDED_NAME", "build_param_groups", "is_factorized", "linear_weights", "warn_if_nothing_routed",
            "Targets"]
 
@@ -127,6 +129,9 @@ def _name_rule(name: str) -> tuple[bool, str]:
 def _module_route(name: str, p: torch.Tensor, kinds: dict[str, Any], targets: Targets) -> tuple[bool, str]:
     if p.dim() != 2:
         return False, f"{p.dim()}-D"
+    role = lowrank_role(p)
+    if role is not None:
+        return targets.route(name, True, f"LowRankLinear factor {role}")
     if id(p) in kinds["embedding"]:
         return False, "nn.Embedding weight (or tied to one)"
     if id(p) not in kinds["linear"]:

@@ -14,7 +14,7 @@ import torch
 
 from .sharded import is_dtensor, to_local
 
-__all__ = ["factor_dtype", "mix_seed", "Spec", "Count", "Bound", "Flag", "Seed", "Perm", "RngState", "Floats",
+__all__ = ["factor_dtype", "mix_seed", "Spec", "Count", "Bound", "Choice", "Flag", "Seed", "Perm", "RngState", "Floats",
            "FloatsList", "Inner", "InnerList", "Settings", "Optional", "Step", "check", "copy_state", "adamw_layout",
            "ADAM_KEYS"]
 
@@ -69,6 +69,16 @@ class Seed(Spec):
 
     def check(self, value):
         return None if isinstance(value, int) and not isinstance(value, bool) else "must be an int"
+
+
+class Choice(Spec):
+    """One of the given strings."""
+
+    def __init__(self, choices: tuple[str, ...]):
+        self.choices = tuple(choices)
+
+    def check(self, value):
+        return None if isinstance(value, str) and value in self.choices else f"must be one of {self.choices}"
 
 
 class Flag(Spec):

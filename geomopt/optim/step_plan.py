@@ -134,6 +134,6 @@ class StepPlanning:
                                      f"{built.get(k)!r}) once a weight has state; build a new optimizer")
                 if changed:
                     rebuild.append(p)
-                if overwrites:
+                if overwrites and self._rewrites(p, group):
                     watched.append(p)
         return switch, rebuild, watched
