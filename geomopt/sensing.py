@@ -42,10 +42,10 @@ def steps_to_tol(errors, tol):
     return next((i + 1 for i, e in enumerate(errors) if e < tol), None)
 
 
-def run_dlra(prob, lr, steps, tol=1e-4, momentum=0.9, method="heavy_ball"):
+def run_dlra(prob, lr, steps, tol=1e-4, momentum=0.9, method="heavy_ball", retraction="svd"):
     u0, s0, v0 = prob["start"]
     w = torch.nn.Parameter(u0 @ torch.diag(s0) @ v0.T)
-    opt = DLRAMomentum([("w", w)], lr=lr, rank=prob["rank"], momentum=momentum, method=method)
+    opt = DLRAMomentum([("w", w)], lr=lr, rank=prob["rank"], momentum=momentum, method=method, retraction=retraction)
     errors = []
     for _ in range(steps):
         opt.zero_grad()
@@ -74,14 +74,16 @@ def run_factor_heavy_ball(prob, lr, steps, tol=1e-4, momentum=0.9):
     return errors
 
 
-def sweep(prob, method, lrs, steps, tol=1e-4):
-    """{lr: (steps to tol or None, best relative error)} for ``method`` in ("dlra", "dlra-adam", "factors")."""
+def sweep(prob, method, lrs, steps, tol=1e-4, retraction="svd"):
+    """{lr: (steps to tol or None, best relative error)} for ``method`` in ("dlra", "dlra-adam", "factors"), DLRA
+    with ``retraction``."""
     out = {}
     for lr in lrs:
         if method == "factors":
             errors = run_factor_heavy_ball(prob, lr, steps, tol)
         else:
-            errors = run_dlra(prob, lr, steps, tol, method="adam" if method == "dlra-adam" else "heavy_ball")
+            errors = run_dlra(prob, lr, steps, tol, method="adam" if method == "dlra-adam" else "heavy_ball",
+                              retraction=retraction)
         finite = [e for e in errors if math.isfinite(e)]
         out[lr] = (steps_to_tol(errors, tol), min(finite) if finite else float("inf"))
     return out
@@ -91,6 +93,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="DLRA momentum vs heavy-ball on factors, matrix sensing")
     p.add_argument("--conds", default="100,1000")
     p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--retraction", default="svd", choices=("svd", "qr"), help="DLRAMomentum's retraction")
     args = p.parse_args(argv)
     lrs = [10 ** (k / 4) for k in range(0, 13)]  # 1 .. 1000, four per decade
     print("| condition | method | best lr | steps to 1e-4 | best rel. error |\n| --- | --- | --- | --- | --- |")
@@ -98,7 +101,7 @@ def main(argv=None):
         prob = make_problem(cond=cond)
         for method in ("dlra", "dlra-adam", "factors"):
             grid = [lr / 1000 for lr in lrs] if method == "dlra-adam" else lrs
-            res = sweep(prob, method, grid, args.steps)
+            res = sweep(prob, method, grid, args.steps, retraction=args.retraction)
             reached = {lr: v for lr, v in res.items() if v[0] is not None}
             if reached:
                 lr, (n, err) = min(reached.items(), key=lambda kv: kv[1][0])

@@ -20,8 +20,8 @@ import torch
 
 from .dispatch import call
 
-__all__ = ["tangent_project", "tangent_to_dense", "transport", "retract", "truncation_rank", "check_point",
-           "stabilize"]
+__all__ = ["tangent_project", "tangent_to_dense", "transport", "retract", "retract_qr", "truncation_rank",
+           "check_point", "stabilize"]
 
 Tangent = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -95,6 +95,25 @@ def retract(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, xi: Tangent, step
     p, sigma, qt = torch.linalg.svd(ru @ core @ rv.mT)
     k = truncation_rank(sigma, rank, rank_tol, min_rank, max_rank if max_rank is not None else 2 * r)
     return qu @ p[..., :k], torch.diag_embed(sigma[..., :k]), qv @ qt[..., :k, :].mT
+
+
+def retract_qr(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, xi: Tangent, step: float,
+               row_qr: Callable | None = None, reduce: Reduce = _same) -> Tangent:
+    """A first-order retraction of W - step * xi at fixed rank without an SVD: with A = S - step xs, the new bases
+    span K = U A - step xu and L = V A^T - step xv (thin QRs of m x r and n x r, where ``retract`` takes m x 2r and
+    n x 2r and a 2r x 2r SVD), and S' = U'^T (W - step xi) V', formed from r x r products:
+
+        U' = qr(K), V' = qr(L), S' = (U'^T U) A (V^T V') - step (U'^T xu)(V^T V') - step (U'^T U)(xv^T V')
+
+    W' = U' S' V'^T is the projection of W - step xi onto the span of U' and V', which differs from ``retract``'s
+    (the best rank-r approximation) by O(step^2). S' is not diagonal."""
+    xs, xu, xv = xi
+    a = s - step * xs
+    qu, _ = (row_qr or functools.partial(call, "tall_qr"))(u @ a - step * xu)
+    qv, _ = call("tall_qr", v @ a.mT - step * xv)
+    uu, uxu = reduce(qu.mT @ u), reduce(qu.mT @ xu)  # sums over the m rows
+    vv = v.mT @ qv
+    return qu, uu @ a @ vv - step * (uxu @ vv) - step * (uu @ (xv.mT @ qv)), qv
 
 
 def check_point(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, tol: float = 1e-5, explain: bool = False):

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..geometry.lowrank import retract, stabilize, tangent_project, transport
+from ..geometry.lowrank import retract, retract_qr, stabilize, tangent_project, transport
 from ..geometry.qr import tall_qr
 from ..grow.resize import old_mask, pad_dim
 from ..nn.lowrank import lowrank_role
@@ -20,9 +20,10 @@ from .sharded import all_reduce, like, row_shard, to_local, tsqr
 from .shared_args import base_args, common_args, group_defaults, shared_args
 from .state import factor_dtype
 
-__all__ = ["DLRAMomentum", "METHODS"]
+__all__ = ["DLRAMomentum", "METHODS", "RETRACTIONS"]
 
 METHODS = ("heavy_ball", "adam")
+RETRACTIONS = ("svd", "qr")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -68,6 +69,12 @@ class DLRAMomentum(FactoredLayers, FactorOptimizer):
         beta2: Adam's second-moment decay (``method="adam"``); Adam's epsilon is ``eps``.
         rank_tol, min_rank, max_rank: rank adaptivity (see 3. above); ``rank_tol=None`` keeps r fixed.
         stabilize_every: re-orthonormalize U, V every N steps (0: never).
+        retraction: ``"svd"`` (default): 3. above, the best rank-r approximation of W - lr * direction, from thin
+            QRs of m x 2r and n x 2r and a 2r x 2r SVD; ``"qr"``: a first-order retraction at fixed rank without the
+            SVD (``geometry.lowrank.retract_qr``: thin QRs of m x r and n x r; S' not diagonal), which agrees with
+            the SVD's to O(lr^2). With ``rank_tol``, ``"qr"`` needs ``svd_every``.
+        svd_every: with ``retraction="qr"`` and ``rank_tol``: every N steps the SVD retraction runs, and the rank
+            may change there.
 
     Example:
         >>> import torch, geomopt
@@ -87,13 +94,15 @@ class DLRAMomentum(FactoredLayers, FactorOptimizer):
     TRAINED_KEYS = ("U", "S", "V")
     STRUCTURAL = ("method",)
     FIXED = ("rank",)
+    ADDED_SETTINGS = ("retraction", "svd_every")
 
     def __init__(self, params: Any, lr: float = 1e-3, *, rank: int = 64, momentum: float = 0.9,
                  method: str = "heavy_ball", beta2: float = 0.999, rank_tol: float | None = None,
-                 min_rank: int = 1, max_rank: int | None = None, stabilize_every: int = 0, **common: Any):
+                 min_rank: int = 1, max_rank: int | None = None, stabilize_every: int = 0, retraction: str = "svd",
+                 svd_every: int = 0, **common: Any):
         args = common_args(type(self), common)
         own = dict(rank=rank, momentum=momentum, method=method, beta2=beta2, rank_tol=rank_tol, min_rank=min_rank,
-                   max_rank=max_rank, stabilize_every=stabilize_every)
+                   max_rank=max_rank, stabilize_every=stabilize_every, retraction=retraction, svd_every=svd_every)
         super().__init__(params, group_defaults(lr, args, own), **base_args(args))
 
     def _overwrites(self, group: dict[str, Any]) -> bool:
@@ -115,6 +124,12 @@ class DLRAMomentum(FactoredLayers, FactorOptimizer):
         if group["max_rank"] is not None:
             check_number("max_rank", group["max_rank"], low=group["min_rank"], integer=True)
         check_number("stabilize_every", group["stabilize_every"], low=0, integer=True)
+        if group.get("retraction", "svd") not in RETRACTIONS:
+            raise ValueError(f"retraction must be one of {RETRACTIONS}, got {group['retraction']!r}")
+        check_number("svd_every", group.get("svd_every", 0), low=0, integer=True)
+        if group.get("retraction") == "qr" and group["rank_tol"] is not None and not group.get("svd_every"):
+            raise ValueError("rank_tol adapts the rank in the SVD retraction: with retraction='qr' pass svd_every >= 1 "
+                             f"(got {group.get('svd_every')!r}), or retraction='svd'")
 
     # ------------------------------------------------------------------ state
     def _steps_shard(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
@@ -263,8 +278,12 @@ class DLRAMomentum(FactoredLayers, FactorOptimizer):
         weights of one rank stacked (``rank_tol`` None); ``row_qr`` / ``reduce``: a row-sharded weight's."""
         r = s.shape[-1]
         max_rank = group["max_rank"] if group["max_rank"] is not None else 2 * r
-        u2, s2, v2 = retract(u, s, v, direction, lr, rank=r, rank_tol=group["rank_tol"], min_rank=group["min_rank"],
-                             max_rank=min(max_rank, *shape), row_qr=row_qr)
+        every = group.get("svd_every", 0)
+        if group.get("retraction", "svd") == "qr" and not (group["rank_tol"] is not None and new["step"] % every == 0):
+            u2, s2, v2 = retract_qr(u, s, v, direction, lr, row_qr=row_qr, reduce=reduce)
+        else:
+            u2, s2, v2 = retract(u, s, v, direction, lr, rank=r, rank_tol=group["rank_tol"],
+                                 min_rank=group["min_rank"], max_rank=min(max_rank, *shape), row_qr=row_qr)
         if group["stabilize_every"] and new["step"] % group["stabilize_every"] == 0:
             u2, s2, v2 = stabilize(u2, s2, v2, row_qr=row_qr)
         return u2, s2, v2, list(transport(u, v, u2, v2, tuple(new["exp_avg"]), reduce))
