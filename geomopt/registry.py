@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from .nn import convert
 from .optim import POET, DLRAMomentum, FactorOptimizer, ReLoRAReset
 from .optim.functional import fused_supported
 
@@ -35,6 +36,8 @@ class OptimizerSpec:
     bench_args: Callable[[argparse.Namespace, torch.nn.Module], dict] | None = None
     test_kwargs: dict = field(default_factory=dict)
     test_tiny: dict = field(default_factory=dict)
+    #: what the variant does to ``geomopt-bench``'s model before it builds the optimizer (e.g. factorize its layers)
+    bench_model: Callable[[torch.nn.Module, argparse.Namespace], None] | None = None
 
     @property
     def takes_model(self) -> bool:
@@ -46,6 +49,9 @@ class OptimizerSpec:
         return self.cls(target, **{**self.kwargs, **kwargs})
 
     def build_for_bench(self, model: torch.nn.Module, lr: float, args: argparse.Namespace) -> torch.optim.Optimizer:
+        """The optimizer ``geomopt-bench`` trains ``model`` with (the variant's ``bench_model`` applied to it first)."""
+        if self.bench_model is not None:
+            self.bench_model(model, args)
         extra = self.bench_args(args, model) if self.bench_args is not None else {}
         return self.build(model, lr=lr, **extra)
 
@@ -120,5 +126,10 @@ for _spec in (
                   lambda a, m: dict(rank=a.rank), dict(lr=1e-2, rank=2), _RANK1),
     OptimizerSpec("dlra-hb", DLRAMomentum, dict(method="heavy_ball"), "DLRA momentum, geometric heavy-ball", 1e-1,
                   lambda a, m: dict(rank=a.rank), dict(lr=5e-2, rank=2), _RANK1),
+    # the routed layers as geomopt.nn.LowRankLinear of the bench's rank: weights, gradients and forward in factors
+    OptimizerSpec("dlra-factored", DLRAMomentum, dict(method="adam"),
+                  "DLRA momentum (Adam) on LowRankLinear layers (the model stores and computes U S V^T)", 3e-3,
+                  lambda a, m: dict(rank=a.rank), dict(lr=1e-2, rank=2), _RANK1,
+                  bench_model=lambda m, a: convert(m, a.rank)),
 ):
     register(_spec)

@@ -92,3 +92,32 @@ def test_a_layer_split_over_groups_is_refused():
     layer = LowRankLinear(8, 6, 2)
     with pytest.raises(ValueError, match=r"factors go together: its \['S', 'V'\] are not in the group"):
         geomopt.DLRAMomentum([{"params": [layer.U]}, {"params": [layer.S, layer.V]}], rank=2)
+
+
+@pytest.mark.parametrize("method", ["heavy_ball", "adam"])
+def test_layers_of_one_shape_stepped_together_equal_one_by_one(method, monkeypatch):
+    from geomopt.optim.dlra_layers import FactoredLayers
+
+    sizes = []
+    real = FactoredLayers._step_layer_run
+    monkeypatch.setattr(FactoredLayers, "_step_layer_run",
+                        lambda self, triples, *a: sizes.append(len(triples)) or real(self, triples, *a))
+    torch.manual_seed(6)
+    f64 = dict(dtype=torch.float64)
+    base = nn.Sequential(LowRankLinear(16, 16, 4, **f64), nn.Tanh(), LowRankLinear(16, 16, 4, **f64), nn.Tanh(),
+                         LowRankLinear(16, 24, 4, **f64), nn.Tanh(), nn.Linear(24, 3, **f64))
+    runs = []
+    for foreach in (False, True):
+        net = copy.deepcopy(base)
+        opt = geomopt.DLRAMomentum(net, lr=1e-2, rank=4, method=method, foreach=foreach, exclude="6",
+                                   stabilize_every=3)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(8):
+            x, y = torch.randn(16, 16, generator=g, **f64), torch.randn(16, 3, generator=g, **f64)
+            opt.zero_grad()
+            nn.functional.mse_loss(net(x), y).backward()
+            opt.step()
+        runs.append([p.detach().clone() for p in net.parameters()])
+    for a, b in zip(*runs):
+        assert rel_err(a, b) < 1e-12
+    assert sizes[:2] == [1, 1] and 2 in sizes  # one by one, then the two 16 x 16 layers in one run

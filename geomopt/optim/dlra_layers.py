@@ -12,12 +12,14 @@ the new rank into the parameters (their ``.data``), and the layer's forward foll
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
 from ..nn.lowrank import ROLES, lowrank_triples
 from . import state as layout
+from .batching import key_runs
 from .routing import is_factorized
 
 __all__ = ["FactoredLayers"]
@@ -72,36 +74,64 @@ class FactoredLayers:
         return out
 
     def _step_layers(self, group: dict[str, Any], grads: dict[int, torch.Tensor], lr: float) -> None:
-        """Step every layer of ``group`` whose three factors have gradients (``grads``, by id)."""
-        for role_triple in {id(t[0]): t for _, t in self._layers(group).values()}.values():
-            if all(id(p) in grads for p in role_triple):
-                self._step_layer(role_triple, [grads[id(p)] for p in role_triple], group, lr)
+        """Step every layer of ``group`` whose three factors have gradients (``grads``, by id): one by one, or on
+        the multi-tensor path (``_together``, fixed rank) the layers of one shape, rank, dtype and step count
+        stacked, one batched call per stage."""
+        triples = [t for t in {id(t[0]): t for _, t in self._layers(group).values()}.values()
+                   if all(id(p) in grads for p in t)]
+        together = self._together(group, [t[0] for t in triples]) and group["rank_tol"] is None
 
-    def _step_layer(self, triple: tuple[torch.Tensor, ...], grads: list[torch.Tensor], group: dict[str, Any],
-                    lr: float) -> None:
-        """One layer: the tangent coordinates from its factored gradients, the direction, the retraction and the
-        transport (``DLRAMomentum._move``), the new factors and momentum committed together."""
-        u_p, s_p, v_p = triple
-        st = self.state[u_p]
-        u, s, v = u_p.detach(), s_p.detach(), v_p.detach()
-        gv, utgv, gtu = (g.to(u.dtype) for g in grads)
+        def key(i: int) -> Any:
+            u, s, v = triples[i]
+            return (tuple(u.shape), tuple(v.shape), s.shape[0], u.dtype, u.device, self.state[u]["step"])
+
+        keys = [key(i) for i in range(len(triples))]
+        for run in key_runs(keys, [t[0].numel() + t[2].numel() for t in triples], together):
+            run_triples = [triples[i] for i in run]
+            self._step_layer_run(run_triples, [[grads[id(p)] for p in t] for t in run_triples], group, lr)
+
+    def _step_layer_run(self, triples: list[tuple[torch.Tensor, ...]], grads: list[list[torch.Tensor]],
+                        group: dict[str, Any], lr: float) -> None:
+        """Layers of one shape and rank (or one layer): the tangent coordinates from the factored gradients, the
+        direction, the retraction and the transport (``DLRAMomentum._move``), the new factors and momenta committed
+        together."""
+        one = len(triples) == 1
+        sts = [self.state[t[0]] for t in triples]
+        u, s, v = (_stacked([t[j].detach() for t in triples], one) for j in range(3))
+        gv, utgv, gtu = (_stacked([g[j].to(u.dtype) for g in grads], one) for j in range(3))
+        st = sts[0] if one else dict(step=sts[0]["step"], exp_avg=[torch.stack([x["exp_avg"][j] for x in sts])
+                                                                    for j in range(3)])
+        if "exp_avg_sq" in sts[0] and not one:
+            st["exp_avg_sq"] = torch.stack([x["exp_avg_sq"] for x in sts])
         xi = (utgv, gv - u @ utgv, gtu - v @ utgv.mT)
-        direction, updates = self._direction(xi, st, group, u.shape[0], lambda t: t)
-        if lr == 0:  # nothing moves (a schedule at zero): no retraction and its rounding
-            return self._commit_many(list(triple), None, [updates, None, None])
-        u2, s2, v2, exp_avg = self._move(u, s, v, direction, updates, group, lr, (u.shape[0], v.shape[0]))
-        updates["exp_avg"] = exp_avg
-        new = [t.to(p.dtype) for t, p in zip((u2, s2, v2), triple)]
-
-        def write() -> None:
-            for p, t in zip(triple, new):
-                if p.shape == t.shape:
-                    p.data.copy_(t)
-                else:  # a new rank: the layer's forward follows the factors' shapes
-                    p.data = t
-
-        self._commit_many(list(triple), write, [updates, None, None])
+        direction, new = self._direction(xi, st, group, u.shape[-2], lambda t: t)
+        write = None
+        if lr != 0:  # else nothing moves (a schedule at zero): no retraction and its rounding
+            u2, s2, v2, new["exp_avg"] = self._move(u, s, v, direction, new, group, lr, (u.shape[-2], v.shape[-2]))
+            factors = [(u2, s2, v2)] if one else list(zip(u2, s2, v2))
+            write = functools.partial(_write, triples, [tuple(t.to(p.dtype) for t, p in zip(f, tr))  # made now
+                                                        for f, tr in zip(factors, triples)])
+        ups = [new] if one else [dict(step=new["step"], exp_avg=[x[i] for x in new["exp_avg"]],
+                                      **({"exp_avg_sq": new["exp_avg_sq"][i]} if "exp_avg_sq" in new else {}))
+                                 for i in range(len(triples))]
+        self._commit_many([p for t in triples for p in t], write, [x for up in ups for x in (up, None, None)])
 
     def _layer_ranks(self) -> list[int]:
+        """The rank of every ``LowRankLinear`` of the groups, in order."""
         return [p.shape[0] for g in self.param_groups for role, (_, p, _v) in self._layers(g).values()
                 if role == "S" and is_factorized(p, g)]
+
+
+def _stacked(ts: list[torch.Tensor], one: bool) -> torch.Tensor:
+    return ts[0] if one else torch.stack(ts)
+
+
+def _write(triples: list[tuple[torch.Tensor, ...]], new: list[tuple[torch.Tensor, ...]]) -> None:
+    """The new factors into the layers' parameters (in the commit): in place, or where the rank changed as new
+    tensors (the layer's forward follows the factors' shapes)."""
+    for triple, factors in zip(triples, new):
+        for p, t in zip(triple, factors):
+            if p.shape == t.shape:
+                p.data.copy_(t)
+            else:
+                p.data = t
