@@ -3,9 +3,11 @@
 Every function takes leading batch dimensions too (weights of one shape and rank stacked: one batched call each);
 rank adaptivity (``rank_tol``) works on one weight at a time.
 
-A tangent vector at W = U S V^T is stored in factored coordinates (xs, xu, xv):
+A tangent vector at W = U S V^T is stored in factored coordinates (xs, xu, xv), xs: r x r, xu: m x r, xv: n x r::
+
     xi = U xs V^T + xu V^T + U xv^T,   U^T xu = 0,   V^T xv = 0
-(xs: r x r, xu: m x r, xv: n x r), so nothing m x n is formed except the dense gradient itself.
+
+so nothing m x n is formed except the dense gradient itself.
 
 Row-sharded use (FSDP2): U, xu and G may be this rank's rows only, V and S replicated. Every product that
 sums over the m rows then goes through ``reduce`` (an all-reduce sum; by default nothing), and the QR of the
