@@ -28,6 +28,7 @@ from .bench_report import COLUMNS, plot, state_bytes, table, trainable_count
 from .grow import expand, parse_growth
 from .in_backward import step_in_backward
 from .init import normalized_gaussian_
+from .nn import LowRankLinear, lowrank_role
 from .optim import POET
 from .optim.routing import build_param_groups
 from .schedules import warmup_cosine
@@ -54,6 +55,15 @@ def _need_transformers() -> None:
         import transformers  # noqa: F401
     except ImportError as err:
         raise SystemExit("geomopt-bench needs transformers: pip install 'geomopt[bench]'") from err
+
+
+def routed_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The weight matrices of the layers the optimizers route (detached): the routed ``nn.Linear`` weights, and
+    U S V^T of every ``geomopt.nn.LowRankLinear`` (whose rank may have changed since: compare the leading values)."""
+    with torch.no_grad():
+        out = [m.weight_matrix() for m in model.modules() if isinstance(m, LowRankLinear)]
+    return out + [p.detach() for g in build_param_groups(model) if g["factorize"] for p in g["params"]
+                  if lowrank_role(p) is None]
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -97,10 +107,9 @@ class Run:
         spec = registry.get(base)
         if issubclass(spec.cls, POET) and args.poet_init == "normalized":
             normalized_gaussian_(model, generator=torch.Generator().manual_seed(args.seed))
-        self.linears = [p for g in build_param_groups(model) if g["factorize"] for p in g["params"]]
-        self.sv0 = [torch.linalg.svdvals(w.detach().double()) for w in self.linears]
         self.lr = getattr(args, f"lr_{base.replace('-', '_')}", None) or spec.bench_lr
-        self.opt = spec.build_for_bench(model, self.lr, args)
+        self.opt = spec.build_for_bench(model, self.lr, args)  # which may factorize the model's layers
+        self.sv0 = [torch.linalg.svdvals(w.double()) for w in routed_matrices(model)]
         if self.in_bwd:
             step_in_backward(model, self.opt)  # loss.backward() steps each weight; opt.step() finds no gradient
         if args.device.startswith("cuda"):
@@ -151,8 +160,9 @@ class Run:
         args, curve = self.args, self.curve
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         drift = None if self.grown else max(  # singular values of grown weights are not comparable
-            float(((torch.linalg.svdvals(w.detach().double()) - s0).abs() / s0.clamp_min(1e-12)).max())
-            for w, s0 in zip(self.linears, self.sv0))
+            (float(((s[: len(s0)] - s0[: len(s)]).abs() / s0[: len(s)].clamp_min(1e-12)).max())
+             for s, s0 in zip((torch.linalg.svdvals(w.double()) for w in routed_matrices(self.model)), self.sv0)),
+            default=None)
         row = dict(optimizer=self.name, lr=self.lr, val_loss=curve[-1][1], val_ppl=math.exp(curve[-1][1]),
                    tokens_per_s=args.steps * args.batch * args.seq_len / self.train_time,
                    step_ms=None if self.in_bwd else 1000 * self.step_time / args.steps,
