@@ -297,6 +297,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="POET's lr_ref_block: the factors' lr scaled by sqrt(REF / b); 'none' turns it off "
                         "(default: POET's, 32)")
     p.add_argument("--neumann-terms", type=int, default=None, help="POET's Cayley-Neumann terms k (default: POET's)")
+    p.add_argument("--retraction", default="svd", choices=("svd", "qr"), help="DLRAMomentum's retraction")
     p.add_argument("--exact-merge", action="store_true",
                    help="POET's merging step rotates by the exact Cayley map (exact_merge=True)")
     p.add_argument("--rank", type=int, default=32, help="ReLoRA and DLRA rank (ReLoRA alpha = rank, so s = 1)")

@@ -101,6 +101,10 @@ def _relora_args(args: argparse.Namespace) -> dict[str, Any]:
                 restart_warmup_steps=args.restart_warmup, warm_start_steps=args.warm_start)
 
 
+def _dlra_args(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(rank=args.rank, retraction=getattr(args, "retraction", "svd"))
+
+
 _POET_TESTS = dict(lr=1e-2, block_size=4, merge_every=7)
 _RANK1 = dict(rank=1)
 
@@ -123,13 +127,13 @@ for _spec in (
                   lambda a, m: _relora_args(a), dict(lr=1e-2, rank=2, alpha=4, reset_every=7, restart_warmup_steps=2),
                   _RANK1),
     OptimizerSpec("dlra", DLRAMomentum, dict(method="adam"), "DLRA momentum, Adam on the manifold", 3e-3,
-                  lambda a, m: dict(rank=a.rank), dict(lr=1e-2, rank=2), _RANK1),
+                  lambda a, m: _dlra_args(a), dict(lr=1e-2, rank=2), _RANK1),
     OptimizerSpec("dlra-hb", DLRAMomentum, dict(method="heavy_ball"), "DLRA momentum, geometric heavy-ball", 1e-1,
-                  lambda a, m: dict(rank=a.rank), dict(lr=5e-2, rank=2), _RANK1),
+                  lambda a, m: _dlra_args(a), dict(lr=5e-2, rank=2), _RANK1),
     # the routed layers as geomopt.nn.LowRankLinear of the bench's rank: weights, gradients and forward in factors
     OptimizerSpec("dlra-factored", DLRAMomentum, dict(method="adam"),
                   "DLRA momentum (Adam) on LowRankLinear layers (the model stores and computes U S V^T)", 3e-3,
-                  lambda a, m: dict(rank=a.rank), dict(lr=1e-2, rank=2), _RANK1,
+                  lambda a, m: _dlra_args(a), dict(lr=1e-2, rank=2), _RANK1,
                   bench_model=lambda m, a: convert(m, a.rank)),
 ):
     register(_spec)
