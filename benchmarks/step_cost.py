@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="folder for step_cost.json and step_cost.md")
     p.add_argument("--kernels", action="store_true", help="step on the kernel path (on a CPU: TRITON_INTERPRET=1)")
+    p.add_argument("--retraction", default="svd", choices=("svd", "qr"), help="DLRAMomentum's retraction")
     a = p.parse_args(argv)
     if a.kernels and a.device.startswith("cpu") and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("--kernels on a CPU runs the kernels under Triton's interpreter: set TRITON_INTERPRET=1")
@@ -252,12 +253,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     extra += ["--batch", str(a.batch)] if a.batch else []
     args = bench.parse_args(["--preset", a.preset, "--block-size", str(a.block_size), "--rank", str(a.rank),
                              "--merge-every", str(a.cycle), "--reset-every", str(a.cycle), "--device", a.device,
-                             *extra])
+                             "--retraction", a.retraction, *extra])
     args.kernels = a.kernels
     train, _ = load_corpus(2_000_000)
     results = {name: measure(name, args, train, a.cycle) for name in a.optimizers.split(",")}
     info = dict(preset=a.preset, layers=args.layers, cycle=a.cycle, block_size=a.block_size, rank=a.rank,
-                device=a.device, kernels=a.kernels)
+                device=a.device, kernels=a.kernels, retraction=a.retraction)
     notes = f"Where the bytes of a plain step go:\n\n{bytes_table(results)}"
     text = report.write(a.out, "step_cost", rows_of(results), COLUMNS, info, notes, a.device)
     print(f"step cost, preset {a.preset} ({args.layers} layers), {a.device}, torch {torch.__version__}\n\n{text}\n\n"
