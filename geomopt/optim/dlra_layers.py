@@ -21,6 +21,7 @@ from ..nn.lowrank import ROLES, lowrank_triples
 from . import state as layout
 from .batching import key_runs
 from .routing import is_factorized
+from .sharded import is_dtensor
 
 __all__ = ["FactoredLayers"]
 
@@ -30,6 +31,11 @@ class FactoredLayers:
 
     def _group_meta(self, group: dict[str, Any], tensors: list[torch.Tensor]) -> dict[str, Any]:
         triples = lowrank_triples(tensors) if group.get("factorize", True) else []
+        sharded = [tensors[i] for t in triples for i in t if is_dtensor(tensors[i])]
+        if sharded:
+            raise TypeError(f"{type(self).__name__} does not step the factors of a LowRankLinear sharded by FSDP2 (a "
+                            f"DTensor of shape {tuple(sharded[0].shape)}): leave those layers out of fully_shard, or "
+                            "keep them nn.Linear")
         return {"lowrank": triples} if triples else {}
 
     @staticmethod
