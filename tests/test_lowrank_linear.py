@@ -3,6 +3,9 @@ factors' gradients are the projections of the dense gradient the geometry needs 
 being formed, ``from_linear`` / ``to_linear`` round trip, ``convert`` swaps the routed layers, and bad arguments are
 refused by name."""
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -145,3 +148,31 @@ def test_the_model_compiles():
 
 def test_geomopt_exports_the_layer():
     assert geomopt.nn.LowRankLinear is LowRankLinear
+
+
+def test_a_factor_assigned_anew_is_a_factor():
+    """``layer.U = nn.Parameter(...)`` (and FSDP2, which assigns the sharded Parameters the same way) keeps the
+    role, so an optimizer still steps the layer's three factors together."""
+    layer = LowRankLinear(6, 5, 2)
+    new = nn.Parameter(layer.U.detach().clone())
+    layer.U = new
+    assert lowrank_role(new) == "U" and lowrank_role(layer.S) == "S"
+    assert lowrank_role(nn.Parameter(new.detach().clone())) is None
+
+
+def test_fsdp2_shards_the_factors_exactly_and_dlra_refuses_them_by_name(tmp_path):
+    """fully_shard (gloo, 2 processes): the gathered factor gradients equal the unsharded model's bit for bit,
+    the sharded factors keep their roles, and DLRAMomentum refuses them with a TypeError naming the layer."""
+    pytest.importorskip("torch.distributed.fsdp")
+    worker = os.path.join(os.path.dirname(__file__), "fsdp_lowrank_worker.py")
+    out, env = tmp_path / "fsdp-lowrank.pt", dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, worker, str(r), "2", str(out), str(tmp_path / "init")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    for p in procs:
+        log, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, log[-3000:]
+    result = torch.load(out, weights_only=True)
+    for a, b in zip(result["sharded"], result["plain"]):
+        assert torch.equal(a, b)
+    assert result["roles"] == ["U", "S", "V", None] * 2
+    assert "LowRankLinear sharded by FSDP2" in result["error"] and "(10, 3)" in result["error"]

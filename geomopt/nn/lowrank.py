@@ -127,6 +127,14 @@ class LowRankLinear(nn.Module):
         for role in ROLES:
             _note_role(getattr(self, role), role, id(self))
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A factor assigned anew is a factor too: ``layer.U = nn.Parameter(...)``, and FSDP2's ``fully_shard``,
+        which swaps each Parameter for its sharded one (and back around each forward) through ``setattr`` on
+        modules that define it."""
+        super().__setattr__(name, value)
+        if name in ROLES and isinstance(value, torch.Tensor):
+            _note_role(value, name, id(self))
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickling and ``copy.deepcopy``: the new factors are factors too."""
         super().__setstate__(state)
