@@ -1,9 +1,9 @@
 """Skew-symmetric matrices stored packed: the b(b-1)/2 entries above the diagonal."""
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from ..tensor_cache import tensor_cache
 
 __all__ = ["skew_size", "unpack_skew", "pack_skew", "skew_norm_bound", "bound_from_powers"]
 
@@ -13,13 +13,13 @@ def skew_size(b: int) -> int:
     return b * (b - 1) // 2
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache
 def _triu(b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = torch.triu_indices(b, b, offset=1, device=device)
     return rows, cols
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache
 def _triu_flat_pair(b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions in a flattened b x b matrix (row-major) of the entries above the diagonal, and of their mirrors."""
     rows, cols = _triu(b, device)

@@ -20,11 +20,11 @@ and it does not depend on the order of the sum, so a kernel that visits the tile
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable, NamedTuple
 
 import torch
 
+from ..tensor_cache import tensor_cache
 from .blocks import col_block_grad, rotate_cols_, rotate_rows_, row_block_grad
 
 __all__ = ["TileSide", "TileLayout", "tile_layout", "tile_for", "tile_grads", "tile_rewrite", "row_checksums",
@@ -144,7 +144,7 @@ def split_rounding(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, t
     return low, dropped.to(torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache
 def _probe(words: int, device: torch.device) -> torch.Tensor:
     g = torch.Generator().manual_seed(0xC0FFEE + words)
     return torch.randint(0, 2**30, (words,), generator=g, dtype=torch.int64).mul_(2).add_(1).to(torch.int32,

@@ -25,6 +25,7 @@ from ..geometry.blocks import rotation_buffers, stacked_rows
 from ..geometry.cayley import newton_schulz_inverse, newton_schulz_iterations
 from ..geometry.dispatch import call, can
 from .batching import ByKey, dense_stack
+from .host_read import to_host
 from .poet_settings import RotationMap, rotation_map
 from .rounding import split_rounding, write_compensated
 from .sharded import all_reduce, like, reduce_over_meshes, shard_state, to_local
@@ -333,7 +334,7 @@ def safeguard(limit: float, works: list[Work], batch: ByKey, block_bounds: dict,
     bounds = weight_bounds(works, batch, block_bounds)
     if converged is not None:
         bounds = torch.cat([bounds, converged.reshape(1).to(bounds)])
-    read = bounds.tolist()
+    read = to_host(bounds, [0.0] * len(works) + [1.0] * (converged is not None))
     return read[: len(works)], converged is None or read[-1] == 1.0
 
 

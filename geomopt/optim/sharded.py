@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..geometry.qr import positive_diagonal, qr_input
+from .host_read import to_host
 
 __all__ = ["is_dtensor", "RowShard", "row_shard", "all_reduce", "reduce_over_meshes", "global_all", "gather",
            "scatter", "to_local", "like", "local_state", "shard_state", "put_back", "tsqr"]
@@ -91,15 +92,16 @@ def reduce_over_meshes(values: torch.Tensor, params: list[torch.Tensor], op: Any
     return out
 
 
-def global_all(flags: list[torch.Tensor] | torch.Tensor, params: list[torch.Tensor]) -> list[bool]:
+def global_all(flags: list[torch.Tensor] | torch.Tensor, params: list[torch.Tensor], clean: bool = True) -> list[bool]:
     """``flags[i]`` is a 0-d bool (or an entry of a 1-D bool tensor) computed on ``params[i]``'s local piece; the
-    result is the flag over the whole tensor (logical AND over the mesh for DTensors)."""
+    result is the flag over the whole tensor (logical AND over the mesh for DTensors); ``clean`` on fake tensors
+    (``host_read``)."""
     if len(flags) == 0:
         return []
     out = (flags if isinstance(flags, torch.Tensor) else torch.stack(flags)).to(torch.int32)
     if any(is_dtensor(p) for p in params):
         out = reduce_over_meshes(out, params, dist.ReduceOp.MIN)
-    return [bool(v) for v in out.tolist()]
+    return [bool(v) for v in to_host(out, [int(clean)] * len(out))]
 
 
 def tsqr(x: torch.Tensor, shard: RowShard) -> tuple[torch.Tensor, torch.Tensor]:

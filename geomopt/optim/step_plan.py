@@ -55,7 +55,7 @@ class StepPlanning:
                 check_capturable_params(group, params)
             lr = lr_value(group["lr"])
             init_only = not group["capturable"] and lr == 0 and all(
-                global_all([~to_local(p.grad).any() for p in params], params))
+                global_all([~to_local(p.grad).any() for p in params], params, clean=False))
             plan = self._settings_plan(group, params)
             pending = {id(p) for p in plan[0] + plan[1]}
             own = frozenset() if init_only else self._checks_in_step(group, [p for p in params

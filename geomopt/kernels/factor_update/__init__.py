@@ -3,13 +3,13 @@ of one size of a step in one launch, one block per program (see ``kernel.py``). 
 moments are reached through tables of pointers; new ones are written to (N, b(b-1)/2) tensors."""
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
 from ...optim.factor_update import AdamHyper, Entries, Updated, entry_counts
 from ...optim.poet_settings import RotationMap
+from ...tensor_cache import tensor_cache
 from ..tiling import INTERPRETED, launch, pow2, precision, table, warps
 from .kernel import _factor_update_kernel
 
@@ -20,7 +20,7 @@ TOLERANCE = {torch.float32: 1e-5}
 LIMITS = {"block": 64}
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache
 def _block_table(counts: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """(2 N,) int32: per block its entry, then its index within the entry (fixed by the entries' sizes)."""
     return table([e for e, c in enumerate(counts) for _ in range(c)] + [j for c in counts for j in range(c)],
