@@ -22,15 +22,22 @@ from geomopt.data import load_corpus, sample_batch
 
 
 def replay_peak(prof: torch.profiler.profile) -> int:
-    """The largest running sum, in time order, of the bytes each profiled op allocated net of what it freed
-    (its own, children excluded) and of the frees outside any op ("[memory]" events). Op granularity: a
-    temporary allocated and freed inside one op is not seen."""
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
-    live = peak = 0
-    for e in events:
-        live += e.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
+    """The peak of live CPU tensor bytes while ``prof`` ran: the allocator's running total of allocated bytes,
+    which each allocation event of the profile carries, at its largest, less what was allocated before the
+    first event. (An earlier version summed each op's own allocations net of frees in start order; that missed
+    frees and allocations attributed to enclosing ops and read POET's step at half its true peak.)"""
+    from torch._C._profiler import _EventType
+
+    allocs, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+            allocs.append((e.start_time_ns, e.extra_fields))
+    if not allocs:
+        return 0
+    first = min(allocs, key=lambda a: a[0])[1]
+    return max(f.total_allocated for _, f in allocs) - (first.total_allocated - first.alloc_size)
 
 
 def train(name: str, args: argparse.Namespace, steps: int, train_tokens: torch.Tensor) -> None:
