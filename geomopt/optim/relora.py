@@ -1,6 +1,7 @@
 """ReLoRA: high-rank training through low-rank updates, as an optimizer."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -288,7 +289,11 @@ class ReLoRAReset(FactorOptimizer):
                 new[i] = (f[2 * k], f[2 * k + 1], fs[2 * k], fs[2 * k + 1])
         for ix in runs:
             ps = [low[i][0] for i in ix]
-            write = self._rewrite(ps, [new[i] for i in ix], s)
+            if len(ix) == 1:
+                st, (a, b, _, _) = self.state[ps[0]], new[ix[0]]
+                write = self._rewrite(to_local(ps[0]), a, b, st["A"], to_local(st["B"]), s)
+            else:
+                write = self._rewrite_many(ps, [new[i] for i in ix], s)
             ups = []
             for p, i in zip(ps, ix):
                 st, (a, b, inner_a, inner_b) = self.state[p], new[i]
@@ -319,30 +324,27 @@ class ReLoRAReset(FactorOptimizer):
                 all_reduce(ga, shard)
         return grad_a, grad_b
 
-    def _rewrite(self, ps: list[torch.Tensor], new: list[tuple], s: float):
-        """The write of W <- W + s (B' A' - B A) for weights of one key (``_write_factors``), made at the commit one
-        weight at a time and rounded once into the weight: each product of width 2r is added into its weight in
-        place where the weight has the factors' dtype, else computed into one m x n buffer allocated now and added
-        from there. A run holds one m x n temporary, not one per weight (stacked products held them all: 5.8 GiB
-        at the step's peak for a bf16 Llama-8B; benchmarks/memory_at_scale.py)."""
-        pairs = [self._write_factors(a, b, self.state[p]["A"], to_local(self.state[p]["B"]))
-                 for p, (a, b, _, _) in zip(ps, new)]
-        ws = [to_local(p) for p in ps]
-        buf = None if ws[0].dtype == pairs[0][0].dtype else ws[0].new_empty(ws[0].shape, dtype=pairs[0][0].dtype)
-
-        def write() -> None:
-            for w, (left, right) in zip(ws, pairs):
-                if buf is None:
-                    w.addmm_(left, right, alpha=s)
-                else:
-                    w.add_(torch.mm(left, right, out=buf), alpha=s)
-        return write
+    def _rewrite_many(self, ps: list[torch.Tensor], new: list[tuple], s: float):
+        """``_rewrite`` of weights of one key: the stacked products [B' - B, B] [A'; A' - A] computed now, added
+        into the weights by one multi-tensor add (in the weights' dtype, from the factors' products)."""
+        sts = [self.state[p] for p in ps]
+        b_new, b_old = torch.stack([n[1] for n in new]), torch.stack([to_local(st["B"]) for st in sts])
+        a_new, a_old = torch.stack([n[0] for n in new]), torch.stack([st["A"] for st in sts])
+        left, right = torch.cat([b_new - b_old, b_old], 2), torch.cat([a_new, a_new - a_old], 1)
+        deltas = list(torch.bmm(left, right).unbind(0))
+        return functools.partial(torch._foreach_add_, [to_local(p) for p in ps], deltas, alpha=s)
 
     @staticmethod
-    def _write_factors(a: torch.Tensor, b: torch.Tensor, a_old: torch.Tensor, b_old: torch.Tensor):
-        """([B' - B, B], [A'; A' - A]): B' A' - B A as one product of width 2r, every term exactly 0 where the
-        factors did not move; new tensors, so a reset that zeroes B' before the commit does not reach the write."""
-        return torch.cat([b - b_old, b_old], 1), torch.cat([a, a - a_old], 0)
+    def _rewrite(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a_old: torch.Tensor, b_old: torch.Tensor,
+                 s: float):
+        """The write of W <- W + s (B' A' - B A), as W + s [B' - B, B] [A'; A' - A]: one product of width 2r added
+        into W in place (no m x n temporary) when W has the factors' dtype, else computed and cast first. Every
+        term is exactly 0 where the factors did not move (an lr of 0 leaves W as it is), and the factors are
+        copied here, so a reset that zeroes B' before the commit does not reach the write."""
+        left, right = torch.cat([b - b_old, b_old], 1), torch.cat([a, a - a_old], 0)
+        if w.dtype == left.dtype:
+            return functools.partial(w.addmm_, left, right, alpha=s)
+        return functools.partial(w.add_, (left @ right).mul_(s).to(w.dtype))
 
     def _reset(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
         """Merge-and-reinit as state entries: W already holds W_start + s B A; A redrawn, B <- 0, inner state
