@@ -70,3 +70,24 @@ def test_rank_changes_only_on_the_svd_steps():
 def test_bad_retraction_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         geomopt.DLRAMomentum([("w", torch.nn.Parameter(torch.zeros(4, 4)))], rank=2, **kwargs)
+
+
+def test_svd_retraction_survives_a_failing_single_precision_driver(monkeypatch):
+    """MKL's sgesdd fails to converge on some cores with many near-zero singular values (DLRA's first steps at a
+    small lr); the retraction then computes that SVD in float64 and lands where the float64 retraction does."""
+    u, s, v, xi = point(30, 20, 4, 3)
+    want = retract(u, s, v, xi, 1e-3, rank=4)
+    real_svd = torch.linalg.svd
+
+    def svd(x, *args, **kwargs):
+        if x.dtype != torch.float64:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real_svd(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+    got = retract(u.float(), s.float(), v.float(), tuple(t.float() for t in xi), 1e-3, rank=4)
+    assert all(t.dtype == torch.float32 for t in got)
+    assert rel_err(got[0] @ got[1] @ got[2].T, (want[0] @ want[1] @ want[2].T).float()) < 1e-5
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: (_ for _ in ()).throw(torch.linalg.LinAlgError("no")))
+    with pytest.raises(torch.linalg.LinAlgError):  # a float64 failure is not hidden
+        retract(u, s, v, xi, 1e-3, rank=4)

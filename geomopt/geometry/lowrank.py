@@ -22,7 +22,7 @@ import torch
 
 from .dispatch import call
 
-__all__ = ["tangent_project", "tangent_to_dense", "transport", "retract", "retract_qr", "truncation_rank",
+__all__ = ["robust_svd", "tangent_project", "tangent_to_dense", "transport", "retract", "retract_qr", "truncation_rank",
            "check_point", "stabilize"]
 
 Tangent = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -63,6 +63,20 @@ def transport(u: torch.Tensor, v: torch.Tensor, u_new: torch.Tensor, v_new: torc
     return s_new, xi_v - u_new @ s_new, xi_u - v_new @ s_new.mT
 
 
+def robust_svd(x: torch.Tensor, full_matrices: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd``, computed again in float64 (the factors cast back) where the single-precision driver
+    fails to converge: MKL's sgesdd does on cores with many near-zero singular values, which DLRA's first steps at a
+    small lr give (a 256 x 256 core with 113 singular values under 1e-6 on the ``350m`` shape at rank 128,
+    lr 1e-4, one thread)."""
+    try:
+        return torch.linalg.svd(x, full_matrices=full_matrices)
+    except torch.linalg.LinAlgError:
+        if x.dtype == torch.float64:
+            raise
+        out = torch.linalg.svd(x.to(torch.float64), full_matrices=full_matrices)
+        return tuple(t.to(x.dtype) for t in out)  # type: ignore[return-value]
+
+
 def truncation_rank(sigma: torch.Tensor, rank: int, rank_tol: float | None, min_rank: int, max_rank: int) -> int:
     """Fixed ``rank`` when ``rank_tol`` is None; else the smallest r' whose discarded tail has
     ||sigma[r':]|| <= rank_tol * ||sigma||, clamped to [min_rank, max_rank]."""
@@ -94,7 +108,7 @@ def retract(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, xi: Tangent, step
     eye = eye.expand_as(s) if s.dim() > 2 else eye
     core = torch.cat([torch.cat([s - step * xs, -step * eye], -1),
                       torch.cat([-step * eye, torch.zeros_like(s)], -1)], -2)
-    p, sigma, qt = torch.linalg.svd(ru @ core @ rv.mT)
+    p, sigma, qt = robust_svd(ru @ core @ rv.mT)
     k = truncation_rank(sigma, rank, rank_tol, min_rank, max_rank if max_rank is not None else 2 * r)
     return qu @ p[..., :k], torch.diag_embed(sigma[..., :k]), qv @ qt[..., :k, :].mT
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..geometry.lowrank import retract, retract_qr, stabilize, tangent_project, transport
+from ..geometry.lowrank import retract, retract_qr, robust_svd, stabilize, tangent_project, transport
 from ..geometry.qr import tall_qr
 from ..grow.resize import old_mask, pad_dim
 from ..nn.lowrank import lowrank_role
@@ -147,7 +147,7 @@ class DLRAMomentum(FactoredLayers, FactorOptimizer):
         """U, S, V of the truncated SVD of the weight as it is, zero momentum, step 0."""
         shard = row_shard(p)
         w = p.full_tensor() if shard is not None else p  # FSDP2: the one gather, for the starting SVD
-        u, sigma, vh = torch.linalg.svd(w.detach().to(factor_dtype(p)), full_matrices=False)
+        u, sigma, vh = robust_svd(w.detach().to(factor_dtype(p)), full_matrices=False)
         u = u[:, :r] if shard is None else u[shard.offset: shard.offset + shard.rows, :r]
         st: dict[str, Any] = dict(step=0, U=u.contiguous(), S=torch.diag(sigma[:r]), V=vh[:r].T.contiguous())
         st.update(self._zero_momentum(st, method, shard))
