@@ -31,7 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from geomopt import registry, report, step_in_backward
-from geomopt.bench import IN_BACKWARD
+from geomopt.bench import IN_BACKWARD, PRESETS, next_token_loss
 from geomopt.integrations import parse_spec
 from geomopt.optim import POET, DLRAMomentum, ReLoRAReset
 from geomopt.tensor_cache import clear_tensor_caches
@@ -41,7 +41,9 @@ from geomopt.tensor_cache import clear_tensor_caches
 #: llama3-8b with Llama-3's grouped keys and vocabulary, 13b as Llama-2-13B.
 SHAPES: dict[str, dict[str, int]] = {
     "tiny": dict(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=4, vocab=256),
-    "60m": dict(hidden=512, intermediate=1376, layers=8, heads=8, kv_heads=8, vocab=256),
+    "60m": dict(hidden=PRESETS["60m"]["hidden"], intermediate=PRESETS["60m"]["intermediate"],
+                layers=PRESETS["60m"]["layers"], heads=PRESETS["60m"]["heads"], kv_heads=PRESETS["60m"]["heads"],
+                vocab=256),
     "350m": dict(hidden=1024, intermediate=2736, layers=24, heads=16, kv_heads=16, vocab=256),
     "8b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=32, vocab=32000),
     "llama3-8b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256),
@@ -108,10 +110,7 @@ def step_fn(item: str, model: torch.nn.Module, opt: torch.optim.Optimizer,
 
     def step(after_backward: Callable[[], None] = lambda: None) -> None:
         batch = torch.randint(0, vocab, (args.batch, args.seq_len + 1))
-        logits = model(input_ids=batch[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab).float(), batch[:, 1:].reshape(-1))
-        del logits
-        loss.backward()
+        next_token_loss(model, batch).backward()
         after_backward()
         if not in_backward:
             opt.step()
