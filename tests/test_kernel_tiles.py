@@ -7,6 +7,7 @@ import torch
 from tile_cases import CASES, IDS, layout, rel
 
 from geomopt.geometry import tiles as ref
+from geomopt.geometry.rounding import dropped_of
 from geomopt.geometry.tiles import checksum_probe, row_checksums
 
 triton = pytest.importorskip("triton")
@@ -85,7 +86,7 @@ def rewrite_inputs(case, seed, dtype, lean, comp):
     mats = torch.randn(total, generator=g) * 0.3
     xs = [torch.randn(m, n, generator=g).to(dtype) for _ in range(count)]
     w0 = [torch.randn(m, n, generator=g) for _ in range(count)]
-    comps = [(torch.randn(m, n, generator=g) * 1e-3).bfloat16() for _ in range(count)] if comp else None
+    comps = [torch.randint(-127, 128, (m, n), generator=g, dtype=torch.int8) for _ in range(count)] if comp else None
     return lay, mats, xs, (None if lean else w0), comps
 
 
@@ -128,7 +129,8 @@ def test_tile_rewrite_half_weights_with_fp32_factors(case, lean, dtype):
         assert a.dtype == dtype and rel(a, b) < rewrite_mod.TOLERANCE[dtype]
     if lean:  # the weight plus its buffer carries the fp32 rotation (the two differ by the rounding of fp32 products)
         for a, c, b, d in zip(got[0], got[1], want[0], want[1]):
-            assert rel(a.float() + c.float(), b.float() + d.float()) < 1e-4
+            assert c.dtype == torch.int8
+            assert rel(a.float() + dropped_of(c, a), b.float() + dropped_of(d, b)) < 1e-4
     for a, s in zip(got[0], got[3]):
         assert torch.equal(s, row_checksums(a, got[4]))
 
@@ -150,3 +152,13 @@ def test_bad_arguments_raise_before_anything_is_launched():
         grads_mod.tile_grads(gs, [ws[0], ws[1][:, :40]], lay, torch.zeros(total), torch.zeros(2, 2))
     with pytest.raises(ValueError, match=r"verdict must be a \(2, 2\) fp32 tensor"):
         grads_mod.tile_grads(gs, ws, lay, torch.zeros(total), torch.zeros(3, 2))
+
+
+def test_rounding_buffers_of_another_dtype_or_layout_are_refused():
+    lay, mats, xs, _, comps = rewrite_inputs(CASES[0], 8, torch.bfloat16, True, True)
+    with pytest.raises(ValueError, match="comps must be torch.int8 codes shaped and strided as their weights"):
+        rewrite_mod.tile_rewrite(xs, xs, [c.bfloat16() for c in comps], [None] * len(xs), lay, mats,
+                                 [True] * len(xs))
+    with pytest.raises(ValueError, match=r"got torch.int8 \(48, 64\)"):
+        rewrite_mod.tile_rewrite(xs, xs, [c.t().contiguous() for c in comps], [None] * len(xs), lay, mats,
+                                 [True] * len(xs))

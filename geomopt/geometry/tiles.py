@@ -26,9 +26,10 @@ import torch
 
 from ..tensor_cache import tensor_cache
 from .blocks import col_block_grad, rotate_cols_, rotate_rows_, row_block_grad
+from .rounding import add_dropped_, split_rounding
 
 __all__ = ["TileSide", "TileLayout", "tile_layout", "tile_for", "tile_grads", "tile_rewrite", "row_checksums",
-           "checksum_probe", "checksum_words", "split_rounding", "MAX_TILE"]
+           "checksum_probe", "checksum_words", "MAX_TILE"]
 
 #: the largest tile side a kernel program holds; blocks beyond it take several tiles
 MAX_TILE = 64
@@ -131,19 +132,6 @@ def _segments(classes: tuple[tuple[int, int], ...], dim: int, device: torch.devi
     return torch.tensor(rows, dtype=torch.int32, device=device).view(-1, 4)
 
 
-def split_rounding(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``x`` rounded to ``dtype``, what that rounding dropped, in bf16 rounded towards zero): lean mode's rounding
-    buffer (POET ``compensate``). Towards zero, the kept part is never larger than half a unit of the rounded value,
-    so rounding their sum again gives the rounded value back: a step that does not move the weight (lr 0) leaves it
-    as it is."""
-    low = x.to(dtype)
-    dropped = x - low.to(x.dtype)
-    if dropped.dtype != torch.float32:
-        dropped = dropped.float()
-    dropped.view(torch.int32).bitwise_and_(-65536)  # bf16 is fp32's upper half: truncation rounds towards zero
-    return low, dropped.to(torch.bfloat16)
-
-
 @tensor_cache
 def _probe(words: int, device: torch.device) -> torch.Tensor:
     g = torch.Generator().manual_seed(0xC0FFEE + words)
@@ -226,6 +214,12 @@ def check_keeps(xs: list[torch.Tensor], srcs: list[torch.Tensor], keeps: list[to
         raise ValueError("keeps: a weight rewritten from itself (lean mode) keeps no W0")
 
 
+def _source(src: torch.Tensor, codes: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """A new ``dtype`` copy of the rewrite's source, plus what the codes say its last rounding dropped."""
+    x = src.to(dtype, copy=True)
+    return x if codes is None else add_dropped_(x, codes, src.dtype)
+
+
 def tile_rewrite(xs: list[torch.Tensor], srcs: list[torch.Tensor], comps: list[torch.Tensor] | None,
                  keeps: list[torch.Tensor | None], layout: TileLayout, mats: torch.Tensor, take: list[bool],
                  probe: torch.Tensor | None = None) -> tuple[Callable[[], None], torch.Tensor | None]:
@@ -237,8 +231,7 @@ def tile_rewrite(xs: list[torch.Tensor], srcs: list[torch.Tensor], comps: list[t
     allocates nothing, the row checksums (L, m) int32 of the new weights where ``probe`` is given (those not taken:
     zeros), else None)."""
     check_keeps(xs, srcs, keeps)
-    new = [_rotated(s.to(mats.dtype, copy=True).add_(c.to(mats.dtype)) if comps else s.to(mats.dtype, copy=True),
-                    layout, w, mats) if t else None
+    new = [_rotated(_source(s, c, mats.dtype), layout, w, mats) if t else None
            for w, (s, c, t) in enumerate(zip(srcs, comps or [None] * len(xs), take))]
     low = [None if y is None else y.to(x.dtype) for y, x in zip(new, xs)]
     dropped = None

@@ -29,6 +29,7 @@ from .poet_step import (
     rewrite,
 )
 from .poet_tiled import TiledStep
+from .rounding import CODE_DTYPE, codes_of
 from .sharded import local_state, to_local
 from .shared_args import base_args, common_args, group_defaults, shared_args
 from .state import factor_dtype
@@ -109,9 +110,10 @@ class POETOptimizer(POETState, TiledStep, FactorOptimizer):
         store_base: keep W0 (paper mode, default). ``False`` is lean mode: no dense copy, W rewritten
             incrementally as W <- (D_new D_old^-1) W (E_old^-1 E_new) on the blocks (b x b inverses; for
             orthogonal blocks D^-1 = D^T), so it equals paper mode up to rounding for every k.
-        compensate: lean mode with bf16 or fp16 weights keeps what each step's rounding of W dropped (one bf16
-            buffer per weight, 2 bytes per entry, against paper mode's fp32 W0 at 4) and adds it back before the
-            next rotation, so the roundings do not add up: the weight stays one rounding away from its exact
+        compensate: lean mode with bf16 or fp16 weights keeps what each step's rounding of W dropped (one int8 code
+            per entry, in 1/256 of the entry's last place: 1 byte per entry, against paper mode's fp32 W0 at 4;
+            ``geomopt.geometry.rounding``) and adds it back before the next rotation, so the roundings do not
+            add up: the weight stays one rounding away from its exact
             rotation, as in paper mode (BENCHMARKS.md, "bf16 weights"). Default True; ``False`` saves the buffer
             and lets the spectrum drift (0.14 relative over 2,000 steps there). Not with ``capturable=True``
             (that step rounds as ``False`` does). No effect in paper mode or on fp32 / fp64 weights.
@@ -235,6 +237,10 @@ class POETOptimizer(POETState, TiledStep, FactorOptimizer):
             st.pop("comp", None)
         elif "comp" not in st:  # an older state_dict, or compensate turned on: nothing dropped yet
             st["comp"] = self._zero_comp(p, group)
+        elif st["comp"].dtype != CODE_DTYPE:  # an older state_dict's bf16 buffer: its codes for the weight as it is
+            codes = self._zero_comp(p, group)
+            to_local(codes).copy_(codes_of(to_local(st["comp"]), to_local(p)))
+            st["comp"] = codes
         return Work(p, g, st, shard, rows, cols, [to_local(q) for q in st["q_row"]] + st["q_col"],
                     [local_state(s) for s in st["inner_row"]], factor_dtype(p))
 

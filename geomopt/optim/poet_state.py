@@ -15,6 +15,7 @@ from .guard import deferred_interrupt
 from .inner import AdamRule
 from .poet_settings import SIDES, compensates
 from .poet_step import apply_blocks, rotations
+from .rounding import CODE_DTYPE
 from .sharded import like, row_shard, to_local
 from .state import factor_dtype
 
@@ -118,8 +119,8 @@ class POETState:
             state["comp"] = self._zero_comp(p, group)
 
     def _zero_comp(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        """Lean mode's rounding buffer with nothing dropped yet: bf16 zeros of the rows this rank steps."""
-        comp = torch.zeros_like(to_local(p), dtype=torch.bfloat16)
+        """Lean mode's rounding buffer with nothing dropped yet: zero codes of the rows this rank steps."""
+        comp = torch.zeros_like(to_local(p), dtype=CODE_DTYPE)
         shard = row_shard(p) if self._steps_shard(p, group) else None
         return comp if shard is None else like(comp, shard)
 
@@ -143,7 +144,7 @@ class POETState:
         if group["store_base"]:
             out["w0"] = layout.Floats((m, n))
         if compensates(group, p):
-            out["comp"] = layout.Optional(layout.Floats((m, n)))
+            out["comp"] = layout.Optional(layout.Rounding((m, n)))
         return out
 
     def _merged(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], w_new: torch.Tensor | None,

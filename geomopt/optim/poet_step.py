@@ -27,7 +27,7 @@ from ..geometry.dispatch import call, can
 from .batching import ByKey, dense_stack
 from .host_read import to_host
 from .poet_settings import RotationMap, rotation_map
-from .rounding import split_rounding, write_compensated
+from .rounding import add_dropped_, split_rounding, write_compensated
 from .sharded import all_reduce, like, reduce_over_meshes, shard_state, to_local
 
 __all__ = ["Work", "Group", "group_key", "make_groups", "rotation", "rotation_and_bound", "rotations",
@@ -212,7 +212,7 @@ def rewrite(gr: Group, rows: list[torch.Tensor], cols: list[torch.Tensor], store
         base = dense_stack(src, w.fdtype, private=True)
     comps = None if store_base or "comp" not in w.st else [to_local(x.st["comp"]) for x in gr.works]
     if comps is not None:  # lean mode rotates the weight as it is plus what its last rounding dropped
-        torch._foreach_add_(list(base.unbind(0)), comps)
+        add_dropped_(base, comps[0].unsqueeze(0) if len(comps) == 1 else torch.stack(comps), targets[0].dtype)
     lead, m, n = base.shape
     flat = base.view(lead * m, n)
     in_place = can("rotate_rows", flat, "in_place")

@@ -15,8 +15,8 @@ import torch
 from .sharded import is_dtensor, to_local
 
 __all__ = ["factor_dtype", "mix_seed", "Spec", "Count", "Bound", "Choice", "Flag", "Seed", "Perm", "RngState", "Floats",
-           "FloatsList", "Inner", "InnerList", "Settings", "Optional", "Step", "check", "copy_state", "adamw_layout",
-           "ADAM_KEYS"]
+           "Rounding", "FloatsList", "Inner", "InnerList", "Settings", "Optional", "Step", "check", "copy_state",
+           "adamw_layout", "ADAM_KEYS"]
 
 
 def factor_dtype(p: torch.Tensor) -> torch.dtype:
@@ -142,6 +142,21 @@ class Floats(Spec):
     def check(self, value):
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             return f"must be a floating-point tensor of shape {self.shape}"
+        if tuple(value.shape) != self.shape:
+            return f"must have shape {self.shape}"
+        return None
+
+
+class Rounding(Spec):
+    """Lean mode's rounding buffer: int8 codes of the given shape (``geometry.rounding``), or the floating-point
+    buffer of an older version (turned into codes at the next step)."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = tuple(shape)
+
+    def check(self, value):
+        if not isinstance(value, torch.Tensor) or not (value.dtype == torch.int8 or value.is_floating_point()):
+            return f"must be an int8 tensor of codes (or an older floating-point buffer) of shape {self.shape}"
         if tuple(value.shape) != self.shape:
             return f"must have shape {self.shape}"
         return None

@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from ...geometry.rounding import CODE_DTYPE, unit_bounds
 from ...geometry.tiles import TileLayout, check_keeps
 from ..tile_grads import TL_TYPES, check_weights
 from ..tiling import INTERPRETED, launch, pow2, precision, table, warps
@@ -20,13 +21,22 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 LIMITS = {"block": 64}
 
 
+def check_codes(comps: list[torch.Tensor], xs: list[torch.Tensor]) -> None:
+    """The rounding buffers: int8 codes laid out as their weights are (the kernel indexes both alike)."""
+    for c, x in zip(comps, xs, strict=True):
+        if c.dtype != CODE_DTYPE or c.shape != x.shape or c.stride() != x.stride():
+            raise ValueError(f"comps must be {CODE_DTYPE} codes shaped and strided as their weights "
+                             f"({tuple(x.shape)}, strides {x.stride()}), got {c.dtype} {tuple(c.shape)} with strides "
+                             f"{c.stride()}")
+
+
 def tile_rewrite(xs: list[torch.Tensor], srcs: list[torch.Tensor], comps: list[torch.Tensor] | None,
                  keeps: list[torch.Tensor | None], layout: TileLayout, mats: torch.Tensor, take: list[bool],
                  probe: torch.Tensor | None = None) -> tuple[Callable[[], None], torch.Tensor | None]:
     """Kernel of ``geomopt.geometry.tiles.tile_rewrite``."""
     x_dtype, src_dtype = check_weights(xs, layout, "xs"), check_weights(srcs, layout, "srcs")
     if comps is not None:
-        check_weights(comps, layout, "comps")
+        check_codes(comps, xs)
     check_keeps(xs, srcs, keeps)
     if any(k is not None and (k.dtype != torch.float32 or not k.is_contiguous()) for k in keeps):
         raise ValueError("keeps must be contiguous fp32 tensors (or None)")
@@ -52,6 +62,7 @@ def tile_rewrite(xs: list[torch.Tensor], srcs: list[torch.Tensor], comps: list[t
     meta = dict(BT=bt, X_TY=TL_TYPES[x_dtype], SRC_TY=TL_TYPES[src_dtype], X_BITS=x_dtype.itemsize * 8,
                 COMP=comps is not None, KEEP=any(k is not None for k in keeps), CHECKSUM=probe is not None,
                 LEAN=lean, PREC=precision(device, torch.float32), num_warps=warps(bt))
+    meta["UNIT_MIN"], meta["UNIT_SCALE"] = unit_bounds(x_dtype) if comps is not None else (1.0, 1.0)
 
     def write() -> None:
         launch("tile_rewrite", _tile_rewrite_kernel, grid, touched, *args, **meta)

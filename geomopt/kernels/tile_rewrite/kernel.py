@@ -3,10 +3,10 @@
 A program reads its tile of X (W0's in paper mode; lean mode: W's own, plus its rounding buffer) through the two
 index vectors, applies the row block's and the column block's b x b matrices (the identity where an index is in no
 block; both products in the one program, ragged blocks masked), and writes the tile of W in place (its dtype), the
-new rounding buffer (what the rounding dropped, towards zero, in bf16) and, for a weight that merges, the fp32 tile
-of the new W0. Tiles are disjoint, so the in-place update reads every entry before writing it. Lean mode leaves the
-tiles that no block touches alone. The row checksums of what is written are summed per row across the tiles with
-integer atomics (their sum does not depend on the order).
+new rounding buffer (the int8 codes of what the rounding dropped, ``geometry.rounding``) and, for a weight that
+merges, the fp32 tile of the new W0. Tiles are disjoint, so the in-place update reads every entry before writing
+it. Lean mode leaves the tiles that no block touches alone. The row checksums of what is written are summed per row
+across the tiles with integer atomics (their sum does not depend on the order).
 """
 from __future__ import annotations
 
@@ -31,11 +31,31 @@ def _matrix(mats_ptr, off_tab, w, cls, jdx, seg_len, BT: tl.constexpr):
 
 
 @triton.jit
+def _unit(v, UNIT_MIN: tl.constexpr, UNIT_SCALE: tl.constexpr):
+    """The rounding buffer's unit of each entry of fp32 ``v`` (``geometry.rounding``): its binade, at least
+    ``UNIT_MIN`` and at most 2^127, times ``UNIT_SCALE``."""
+    binade = (v.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    return tl.minimum(tl.maximum(binade, UNIT_MIN), 1.7014118346046923e38) * UNIT_SCALE
+
+
+@triton.jit
+def _nearest(v, X_TY: tl.constexpr):
+    """fp32 ``v`` rounded to ``X_TY``, to nearest, ties to even, as torch rounds: for bf16 on the bits, because
+    the interpreter truncates where a GPU rounds (an infinity stays, a NaN stays a NaN)."""
+    if X_TY == tl.bfloat16:
+        bits = v.to(tl.int32, bitcast=True)
+        even = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = (even & -65536).to(tl.float32, bitcast=True)
+        return tl.where(v == v, rounded, v).to(X_TY)
+    return v.to(X_TY)
+
+
+@triton.jit
 def _tile_rewrite_kernel(tab, x_stride, src_stride, order_r, order_c, segs_r, segs_c, n_row_segs, n_col_segs,
                          off_r, off_c, mats_ptr, sums_ptr, probe_ptr, m, n, count,
                          BT: tl.constexpr, X_TY: tl.constexpr, SRC_TY: tl.constexpr, X_BITS: tl.constexpr,
                          COMP: tl.constexpr, KEEP: tl.constexpr, CHECKSUM: tl.constexpr, LEAN: tl.constexpr,
-                         PREC: tl.constexpr):
+                         PREC: tl.constexpr, UNIT_MIN: tl.constexpr, UNIT_SCALE: tl.constexpr):
     pid = tl.program_id(0)
     per_w = n_row_segs * n_col_segs
     w = (pid // per_w).to(tl.int64)
@@ -58,18 +78,22 @@ def _tile_rewrite_kernel(tab, x_stride, src_stride, order_r, order_c, segs_r, se
         src = tl.load(src_ptr + rows[:, None] * src_stride + cols[None, :], mask=inside, other=0.0)
         xt = src.to(tl.float32)
         if COMP:
-            comp_ptr = tl.load(tab + 2 * count + w).to(tl.pointer_type(tl.bfloat16))
-            xt += tl.load(comp_ptr + at, mask=inside, other=0.0).to(tl.float32)
+            comp_ptr = tl.load(tab + 2 * count + w).to(tl.pointer_type(tl.int8))
+            code = tl.load(comp_ptr + at, mask=inside, other=0).to(tl.float32)
+            xt += code * _unit(xt, UNIT_MIN, UNIT_SCALE)
         if ci >= 0:
             xt = tl.dot(_matrix(mats_ptr, off_r, w, ci, ji, li, BT), xt, input_precision=PREC)
         if cj >= 0:
             xt = tl.dot(xt, _matrix(mats_ptr, off_c, w, cj, jj, lj, BT), input_precision=PREC)
-        low = xt.to(X_TY)
+        low = _nearest(xt, X_TY)
         if write:
             tl.store(x_ptr + at, low, mask=inside)
             if COMP:
-                dropped = (xt - low.to(tl.float32)).to(tl.int32, bitcast=True) & -65536  # towards zero
-                tl.store(comp_ptr + at, dropped.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=inside)
+                lowf = low.to(tl.float32)
+                v = (xt - lowf) / _unit(lowf, UNIT_MIN, UNIT_SCALE)
+                v = (v + 12582912.0) - 12582912.0  # to the nearest integer, ties to even (|v| <= 128.5 < 2^22)
+                code = tl.minimum(tl.maximum(v, -127.0), 127.0)
+                tl.store(comp_ptr + at, tl.where(v == v, code, 0.0).to(tl.int8), mask=inside)
             if KEEP:
                 keep = tl.load(tab + 3 * count + w)
                 if keep != 0:
