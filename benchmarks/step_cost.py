@@ -168,7 +168,7 @@ def measure(name: str, args: argparse.Namespace, train: torch.Tensor, cycle: int
     """The plain step and the cycle's last step of one optimizer: {kind: {ops, bytes, syncs, launches, wall_ms}}.
     Two cycles: the first one's are metered, the second one's timed (the optimizer warm both times: its state and
     caches exist); under Triton's interpreter the second cycle is skipped (its times mean nothing)."""
-    model = bench.build_model(args).to(args.device)
+    model = bench.build_model(args).to(args.device, getattr(torch, args.dtype))
     opt = _make(name, args)(model)
     gen = torch.Generator().manual_seed(args.seed)
     shapes = {tuple(p.shape) for g in opt.param_groups for p in g["params"]
@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default=None, help="folder for step_cost.json and step_cost.md")
     p.add_argument("--kernels", action="store_true", help="step on the kernel path (on a CPU: TRITON_INTERPRET=1)")
     p.add_argument("--retraction", default="svd", choices=("svd", "qr"), help="DLRAMomentum's retraction")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="the model's dtype (bf16 / fp16: POET lean mode keeps its rounding buffer)")
     a = p.parse_args(argv)
     if a.kernels and a.device.startswith("cpu") and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("--kernels on a CPU runs the kernels under Triton's interpreter: set TRITON_INTERPRET=1")
@@ -254,14 +256,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = bench.parse_args(["--preset", a.preset, "--block-size", str(a.block_size), "--rank", str(a.rank),
                              "--merge-every", str(a.cycle), "--reset-every", str(a.cycle), "--device", a.device,
                              "--retraction", a.retraction, *extra])
-    args.kernels = a.kernels
+    args.kernels, args.dtype = a.kernels, a.dtype
     train, _ = load_corpus(2_000_000)
     results = {name: measure(name, args, train, a.cycle) for name in a.optimizers.split(",")}
     info = dict(preset=a.preset, layers=args.layers, cycle=a.cycle, block_size=a.block_size, rank=a.rank,
-                device=a.device, kernels=a.kernels, retraction=a.retraction)
+                device=a.device, kernels=a.kernels, retraction=a.retraction, dtype=a.dtype)
     notes = f"Where the bytes of a plain step go:\n\n{bytes_table(results)}"
     text = report.write(a.out, "step_cost", rows_of(results), COLUMNS, info, notes, a.device)
-    print(f"step cost, preset {a.preset} ({args.layers} layers), {a.device}, torch {torch.__version__}\n\n{text}\n\n"
+    print(f"step cost, preset {a.preset} ({args.layers} layers), {a.dtype}, {a.device}, torch {torch.__version__}\n\n{text}\n\n"
           f"{notes}")
     return dict(info=info, results=results)
 
