@@ -32,8 +32,8 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 from geomopt import registry, report, step_in_backward
 from geomopt.bench import IN_BACKWARD, PRESETS, next_token_loss
+from geomopt.bench import parse_args as bench_flags
 from geomopt.integrations import parse_spec
-from geomopt.optim import POET, DLRAMomentum, ReLoRAReset
 from geomopt.tensor_cache import clear_tensor_caches
 
 #: Llama shapes: 60m / 350m as geomopt-bench's presets and GaLore's configs (byte vocabulary), 8b as
@@ -83,20 +83,14 @@ def split_item(item: str) -> tuple[str, bool, dict[str, Any]]:
 
 
 def build_optimizer(item: str, model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """The optimizer of an ``--optimizers`` item: its registry entry with this script's block size and rank where
-    the method has them, then the item's own settings."""
+    """The optimizer of an ``--optimizers`` item, built as geomopt-bench builds it with this script's block size and
+    rank (and ``--fused`` for torch's AdamW), then the item's own settings."""
     name, _, settings = split_item(item)
     spec = registry.get(name)
-    extra: dict[str, Any] = {}
-    if issubclass(spec.cls, POET) and "block_size" not in spec.kwargs:
-        extra["block_size"] = args.block_size
-    if issubclass(spec.cls, (ReLoRAReset, DLRAMomentum)):
-        extra["rank"] = args.rank
-    if spec.bench_model is not None:
-        spec.bench_model(model, argparse.Namespace(rank=args.rank))
-    if not spec.takes_model:
-        extra["fused"] = spec.kwargs.get("fused", True) if args.fused is None else args.fused
-    return spec.build(model, lr=1e-4, **{**extra, **settings})
+    flags = bench_flags(["--block-size", str(args.block_size), "--rank", str(args.rank)])
+    if args.fused is not None and not spec.takes_model:
+        settings = {"fused": args.fused, **settings}
+    return spec.build_for_bench(model, 1e-4, flags, **settings)
 
 
 def step_fn(item: str, model: torch.nn.Module, opt: torch.optim.Optimizer,
@@ -227,7 +221,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--block-size", type=int, default=256, help="POET's b")
     ap.add_argument("--rank", type=int, default=128, help="ReLoRA's and DLRA's rank")
     ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
-                    help="torch AdamW's fused flag (default: fused)")
+                    help="torch AdamW's fused flag (default: geomopt-bench's, fused where torch has the kernel)")
     ap.add_argument("--steps", type=int, default=2, help="training steps (the state exists from the second)")
     ap.add_argument("--reference-gb", type=float, default=None, help="a published peak (GB) to show ratios against")
     ap.add_argument("--calibrate", action="store_true", help="also run on real CPU tensors, profiler-replayed peak")

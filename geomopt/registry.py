@@ -48,12 +48,14 @@ class OptimizerSpec:
         target = model if self.takes_model else model.parameters()
         return self.cls(target, **{**self.kwargs, **kwargs})
 
-    def build_for_bench(self, model: torch.nn.Module, lr: float, args: argparse.Namespace) -> torch.optim.Optimizer:
-        """The optimizer ``geomopt-bench`` trains ``model`` with (the variant's ``bench_model`` applied to it first)."""
+    def build_for_bench(self, model: torch.nn.Module, lr: float, args: argparse.Namespace,
+                        **overrides: Any) -> torch.optim.Optimizer:
+        """The optimizer ``geomopt-bench`` trains ``model`` with (the variant's ``bench_model`` applied to it first),
+        ``overrides`` over the settings its flags give."""
         if self.bench_model is not None:
             self.bench_model(model, args)
         extra = self.bench_args(args, model) if self.bench_args is not None else {}
-        return self.build(model, lr=lr, **extra)
+        return self.build(model, lr=lr, **{**extra, **overrides})
 
 
 REGISTRY: dict[str, OptimizerSpec] = {}
