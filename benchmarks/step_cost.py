@@ -263,8 +263,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 device=a.device, kernels=a.kernels, retraction=a.retraction, dtype=a.dtype)
     notes = f"Where the bytes of a plain step go:\n\n{bytes_table(results)}"
     text = report.write(a.out, "step_cost", rows_of(results), COLUMNS, info, notes, a.device)
-    print(f"step cost, preset {a.preset} ({args.layers} layers), {a.dtype}, {a.device}, torch {torch.__version__}\n\n{text}\n\n"
-          f"{notes}")
+    print(f"step cost, preset {a.preset} ({args.layers} layers), {a.dtype}, {a.device}, torch {torch.__version__}"
+          f"\n\n{text}\n\n{notes}")
     return dict(info=info, results=results)
 
 

@@ -2,9 +2,10 @@
 
 A bf16 / fp16 weight rewritten from its fp32 rotation loses what rounding to its dtype drops. The buffer keeps that
 part, so that the next rotation can start from the weight plus it. It is stored in units of 1/256 of the entry's
-last place: ``code = round(dropped / unit)`` (to nearest, ties to even), with ``unit = max(2^e, tiny) * eps / 256``, where 2^e is the rounded
-entry's binade and tiny and eps come from the weight dtype's ``finfo``. That is 8 bits below the weight's last
-place at 1 byte per entry. A bf16 residual (the format before) kept about as much at 2 bytes.
+last place: ``code = round(dropped / unit)`` (to nearest, ties to even), with ``unit = max(2^e, tiny) * eps / 256``,
+where 2^e is the rounded entry's binade and tiny and eps come from the weight dtype's ``finfo``. That is 8 bits
+below the weight's last place at 1 byte per entry. A bf16 residual (the format before) kept about as much at 2
+bytes.
 
 What follows from the format:
 - Every unit is an exact power of two, so encoding and decoding are exact in fp32.

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..geometry.rounding import CODE_DTYPE
 from .sharded import is_dtensor, to_local
 
 __all__ = ["factor_dtype", "mix_seed", "Spec", "Count", "Bound", "Choice", "Flag", "Seed", "Perm", "RngState", "Floats",
@@ -155,8 +156,9 @@ class Rounding(Spec):
         self.shape = tuple(shape)
 
     def check(self, value):
-        if not isinstance(value, torch.Tensor) or not (value.dtype == torch.int8 or value.is_floating_point()):
-            return f"must be an int8 tensor of codes (or an older floating-point buffer) of shape {self.shape}"
+        if not isinstance(value, torch.Tensor) or not (value.dtype == CODE_DTYPE or value.is_floating_point()):
+            return f"must be an {str(CODE_DTYPE).removeprefix('torch.')} tensor of codes (or an older floating-point " \
+                   f"buffer) of shape {self.shape}"
         if tuple(value.shape) != self.shape:
             return f"must have shape {self.shape}"
         return None
