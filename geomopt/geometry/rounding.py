@@ -15,21 +15,22 @@ What follows from the format:
   a tie there goes to the power of two (its mantissa is even).
 - Non-finite dropped parts are coded as 0, and an infinite weight stays infinite (not NaN).
 
-The Triton kernel ``geomopt.kernels.tile_rewrite`` computes the same codes (``UNIT_SHIFT``, ``unit_bounds``).
+The Triton kernel ``geomopt.kernels.tile_rewrite`` computes the same codes from this module's constants.
 """
 from __future__ import annotations
 
 import torch
 
 __all__ = ["split_rounding", "add_dropped_", "dropped_of", "codes_of", "unit_bounds", "CODE_DTYPE", "CODE_MAX",
-           "UNIT_SHIFT"]
+           "UNIT_SHIFT", "BINADE_MAX"]
 
 #: the buffer's dtype, its largest code, and the number of bits the unit lies below the weight's last place
 CODE_DTYPE = torch.int8
 CODE_MAX = 127
 UNIT_SHIFT = 8
 _EXPONENT = 0x7F800000  # fp32's exponent field: the bits of 2^e for a normal fp32 number
-_TOP = 2.0 ** 127  # the largest binade: an infinite weight has a finite unit, so its code 0 adds 0
+#: the largest binade a unit is taken from: an infinite weight has a finite unit, so its code 0 adds 0
+BINADE_MAX = 2.0 ** 127
 
 
 def unit_bounds(dtype: torch.dtype) -> tuple[float, float]:
@@ -44,7 +45,7 @@ def _binades(low: torch.Tensor, dtype: torch.dtype, over: bool = False) -> torch
     tiny, _ = unit_bounds(dtype)
     bits = low.view(torch.int32)
     bits = bits.bitwise_and_(_EXPONENT) if over else bits.bitwise_and(_EXPONENT)
-    return bits.view(torch.float32).clamp_(min=tiny, max=_TOP)
+    return bits.view(torch.float32).clamp_(min=tiny, max=BINADE_MAX)
 
 
 def _encode(dropped: torch.Tensor, binades: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -14,4 +14,3 @@ def write_compensated(targets: list, low: list, comps: list, dropped: list) -> N
     """The rewrite's commit: the rounded weights and their buffers, copied in place (nothing allocated)."""
     torch._foreach_copy_(targets, low)
     torch._foreach_copy_(comps, dropped)
-

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from ...geometry.rounding import CODE_DTYPE, unit_bounds
+from ...geometry.rounding import BINADE_MAX, CODE_DTYPE, CODE_MAX, unit_bounds
 from ...geometry.tiles import TileLayout, check_keeps
 from ..tile_grads import TL_TYPES, check_weights
 from ..tiling import INTERPRETED, launch, pow2, precision, table, warps
@@ -62,7 +62,7 @@ def tile_rewrite(xs: list[torch.Tensor], srcs: list[torch.Tensor], comps: list[t
     meta = dict(BT=bt, X_TY=TL_TYPES[x_dtype], SRC_TY=TL_TYPES[src_dtype], X_BITS=x_dtype.itemsize * 8,
                 COMP=comps is not None, KEEP=any(k is not None for k in keeps), CHECKSUM=probe is not None,
                 LEAN=lean, PREC=precision(device, torch.float32), num_warps=warps(bt))
-    meta["UNIT_MIN"], meta["UNIT_SCALE"] = unit_bounds(x_dtype) if comps is not None else (1.0, 1.0)
+    meta.update(zip(("UNIT_MIN", "UNIT_SCALE"), unit_bounds(x_dtype)), UNIT_MAX=BINADE_MAX, CODE_MAX=float(CODE_MAX))
 
     def write() -> None:
         launch("tile_rewrite", _tile_rewrite_kernel, grid, touched, *args, **meta)

@@ -31,11 +31,11 @@ def _matrix(mats_ptr, off_tab, w, cls, jdx, seg_len, BT: tl.constexpr):
 
 
 @triton.jit
-def _unit(v, UNIT_MIN: tl.constexpr, UNIT_SCALE: tl.constexpr):
+def _unit(v, UNIT_MIN: tl.constexpr, UNIT_MAX: tl.constexpr, UNIT_SCALE: tl.constexpr):
     """The rounding buffer's unit of each entry of fp32 ``v`` (``geometry.rounding``): its binade, at least
-    ``UNIT_MIN`` and at most 2^127, times ``UNIT_SCALE``."""
+    ``UNIT_MIN`` and at most ``UNIT_MAX``, times ``UNIT_SCALE``."""
     binade = (v.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
-    return tl.minimum(tl.maximum(binade, UNIT_MIN), 1.7014118346046923e38) * UNIT_SCALE
+    return tl.minimum(tl.maximum(binade, UNIT_MIN), UNIT_MAX) * UNIT_SCALE
 
 
 @triton.jit
@@ -55,7 +55,8 @@ def _tile_rewrite_kernel(tab, x_stride, src_stride, order_r, order_c, segs_r, se
                          off_r, off_c, mats_ptr, sums_ptr, probe_ptr, m, n, count,
                          BT: tl.constexpr, X_TY: tl.constexpr, SRC_TY: tl.constexpr, X_BITS: tl.constexpr,
                          COMP: tl.constexpr, KEEP: tl.constexpr, CHECKSUM: tl.constexpr, LEAN: tl.constexpr,
-                         PREC: tl.constexpr, UNIT_MIN: tl.constexpr, UNIT_SCALE: tl.constexpr):
+                         PREC: tl.constexpr, UNIT_MIN: tl.constexpr, UNIT_MAX: tl.constexpr, UNIT_SCALE: tl.constexpr,
+                         CODE_MAX: tl.constexpr):
     pid = tl.program_id(0)
     per_w = n_row_segs * n_col_segs
     w = (pid // per_w).to(tl.int64)
@@ -80,7 +81,7 @@ def _tile_rewrite_kernel(tab, x_stride, src_stride, order_r, order_c, segs_r, se
         if COMP:
             comp_ptr = tl.load(tab + 2 * count + w).to(tl.pointer_type(tl.int8))
             code = tl.load(comp_ptr + at, mask=inside, other=0).to(tl.float32)
-            xt += code * _unit(xt, UNIT_MIN, UNIT_SCALE)
+            xt += code * _unit(xt, UNIT_MIN, UNIT_MAX, UNIT_SCALE)
         if ci >= 0:
             xt = tl.dot(_matrix(mats_ptr, off_r, w, ci, ji, li, BT), xt, input_precision=PREC)
         if cj >= 0:
@@ -90,9 +91,9 @@ def _tile_rewrite_kernel(tab, x_stride, src_stride, order_r, order_c, segs_r, se
             tl.store(x_ptr + at, low, mask=inside)
             if COMP:
                 lowf = low.to(tl.float32)
-                v = (xt - lowf) / _unit(lowf, UNIT_MIN, UNIT_SCALE)
+                v = (xt - lowf) / _unit(lowf, UNIT_MIN, UNIT_MAX, UNIT_SCALE)
                 v = (v + 12582912.0) - 12582912.0  # to the nearest integer, ties to even (|v| <= 128.5 < 2^22)
-                code = tl.minimum(tl.maximum(v, -127.0), 127.0)
+                code = tl.minimum(tl.maximum(v, -CODE_MAX), CODE_MAX)
                 tl.store(comp_ptr + at, tl.where(v == v, code, 0.0).to(tl.int8), mask=inside)
             if KEEP:
                 keep = tl.load(tab + 3 * count + w)
